@@ -1,0 +1,270 @@
+"""
+Speed (and later memory) benchmarks. Every reference is measured in the same run on the same machine, so the
+figures that matter are ratios: our model against transformers' LlamaForCausalLM of identical shape and weights,
+and achieved FLOP/s against a plain matmul's.
+
+    python bench.py                  # full run: a few minutes on 2 CPU cores
+    python bench.py --quick          # fewer repeats and tokens: under a minute
+    python bench.py --device=cuda --sections=model
+    python bench.py --threads=1      # steadier when other jobs share the CPU cores
+
+Prints a table per section and, last, one JSON line with every figure. Timings are the best of several
+repeats (other processes only ever add time), with ours and the reference interleaved so that a burst of load
+from elsewhere hits both. Each section is a function `bench_<name>(args) -> (rows, figures)`: add new sections
+(quantization memory, ...) the same way and list them in SECTIONS.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import model
+from model import GPT, ModelConfig
+
+# the benchmark model: ModelConfig's defaults, 4.9M parameters (the CPU preset trains a narrower one)
+BENCH_MODEL = dict(vocab_size=6400, block_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
+TRAIN_BATCH, TRAIN_SEQ = 8, 256
+PROMPT_LEN = 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timing helpers
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def best_time(fn, device, repeats):
+    """Best wall time of fn() over `repeats` calls (after one warm-up call)."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def interleaved_best(fns, device, rounds):
+    """Best time of each function, run in alternation round after round (fair under shifting load)."""
+    for fn in fns:  # warm-up (allocator, kernels, lazy init)
+        fn()
+    sync(device)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak_flops(device, dtype, quick):
+    """FLOP/s of a large square matmul: what the hardware really delivers to this PyTorch build. Many short
+    repeats, so that on a shared machine at least one of them runs undisturbed."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    iters = 1 if device.type == "cpu" else 20
+    t = best_time(lambda: [a @ b for _ in range(iters)], device, repeats=10 if quick else 30)
+    return 2 * n ** 3 * iters / t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# section: the model (training throughput, MFU, decode speed) against transformers
+
+def make_models(device, with_hf):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**BENCH_MODEL)
+    ours = GPT(cfg).to(device)
+    hf = None
+    if with_hf:
+        try:
+            import transformers
+        except ImportError:
+            return ours, None
+        hf_cfg = transformers.LlamaConfig(**model.to_hf_llama_config(cfg))
+        hf = transformers.LlamaForCausalLM(hf_cfg).to(device)
+        hf.load_state_dict(model.to_hf_llama_state_dict(ours.state_dict(), cfg))  # same weights, same work
+        hf.generation_config.eos_token_id = None  # random weights: never stop early, both make every token
+        hf.generation_config.pad_token_id = 0
+    return ours, hf
+
+
+def train_step_fn(m, x, y, autocast, is_hf):
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    def step():
+        with autocast:
+            if is_hf:  # the way a transformers user trains: labels are shifted inside
+                loss = m(input_ids=x, labels=y, use_cache=False).loss
+            else:
+                loss = m(x, targets=y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+@torch.no_grad()
+def weight_read_floor(m, device, n_tokens):
+    """Batch-1 decoding multiplies one vector by every weight matrix once per token: time just those matmuls, in
+    model order, with nothing else. No implementation of the step can beat this on the same BLAS."""
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    vecs = {mod.in_features: torch.randn(1, mod.in_features, device=device) for mod in linears}
+
+    def run():
+        for _ in range(n_tokens):
+            for mod in linears:
+                torch.nn.functional.linear(vecs[mod.in_features], mod.weight)
+    return run
+
+
+@torch.no_grad()
+def greedy_without_cache(m, idx, n):
+    # the reference point for the KV cache: re-run the whole sequence for every new token
+    for _ in range(n):  # head on the last position only, as transformers' generate does
+        nxt = m.lm_head(m.hidden_states(idx)[:, -1]).argmax(dim=-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+def bench_model(args):
+    device = args.device
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda)
+    ours, hf = make_models(device, with_hf=not args.no_hf)
+    cfg = ours.config
+    rounds = 2 if args.quick else 5
+    peak = matmul_peak_flops(device, dtype, args.quick)
+
+    # training: forward + backward + AdamW on (TRAIN_BATCH, TRAIN_SEQ) tokens
+    x = torch.randint(0, cfg.vocab_size, (TRAIN_BATCH, TRAIN_SEQ), device=device)
+    y = torch.randint(0, cfg.vocab_size, (TRAIN_BATCH, TRAIN_SEQ), device=device)
+    ours.train()
+    fns = [train_step_fn(ours, x, y, autocast, is_hf=False)]
+    if hf is not None:
+        hf.train()
+        fns.append(train_step_fn(hf, x, y, autocast, is_hf=True))
+    train_times = interleaved_best(fns, device, rounds)
+
+    # decoding at batch 1: greedy, PROMPT_LEN prompt tokens, n_new new tokens
+    n_new = 32 if args.quick else 128
+    ours.eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, PROMPT_LEN), device=device)
+    with autocast:
+        fns = [lambda: ours.generate(idx, n_new, temperature=0), lambda: greedy_without_cache(ours, idx, n_new),
+               weight_read_floor(ours, device, n_new)]
+        if hf is not None:
+            hf.eval()
+            ones = torch.ones_like(idx)
+            gen = lambda use_cache: hf.generate(idx, attention_mask=ones, max_new_tokens=n_new,  # noqa: E731
+                                                min_new_tokens=n_new, do_sample=False, use_cache=use_cache)
+            fns += [lambda: gen(True), lambda: gen(False)]
+        decode_times = interleaved_best(fns, device, rounds)
+    peak = max(peak, matmul_peak_flops(device, dtype, args.quick))
+
+    # figures and table
+    tokens = TRAIN_BATCH * TRAIN_SEQ
+    flops = ours.flops_per_token(TRAIN_SEQ) * tokens
+    weight_mb = sum(mod.weight.numel() * mod.weight.element_size()
+                    for mod in ours.modules() if isinstance(mod, torch.nn.Linear)) / 2 ** 20
+    f = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+         "params": ours.num_params(), "matmul_peak_tflops": peak / 1e12,
+         "train_tok_s": tokens / train_times[0], "train_mfu": flops / train_times[0] / peak}
+    rows = [(f"matmul peak (measured, {f['dtype']})", f"{peak / 1e12:.3f} TFLOP/s", ""),
+            (f"train tokens/s (ours, batch {TRAIN_BATCH}x{TRAIN_SEQ})", f"{f['train_tok_s']:.0f}",
+             f"MFU {f['train_mfu']:.2f} of peak (target >= 0.6)")]
+    if hf is not None:
+        f["hf_train_tok_s"] = tokens / train_times[1]
+        f["hf_train_mfu"] = flops / train_times[1] / peak
+        f["train_speedup_vs_hf"] = train_times[1] / train_times[0]
+        # both run the same matmuls: only the time transformers spends outside them can be won back
+        f["train_max_speedup_vs_hf"] = 1 / f["hf_train_mfu"]
+        rows += [("train tokens/s (transformers)", f"{f['hf_train_tok_s']:.0f}", f"MFU {f['hf_train_mfu']:.2f}"),
+                 ("  ours / transformers", f"{f['train_speedup_vs_hf']:.2f}x",
+                  f"target >= 1.3x; at most {f['train_max_speedup_vs_hf']:.2f}x if ours were pure matmul at peak")]
+
+    t_cache, t_nocache, t_floor = decode_times[:3]
+    f.update({"decode_tok_s": n_new / t_cache, "decode_nocache_tok_s": n_new / t_nocache,
+              "kv_cache_speedup": t_nocache / t_cache, "decode_matmul_floor_tok_s": n_new / t_floor})
+    rows += [("decode tokens/s, batch 1, KV cache (ours)", f"{f['decode_tok_s']:.0f}",
+              f"{1e3 * t_cache / n_new:.2f} ms/token"),
+             ("decode tokens/s, batch 1, no cache (ours)", f"{f['decode_nocache_tok_s']:.0f}",
+              f"KV cache speedup {f['kv_cache_speedup']:.1f}x"),
+             ("decode floor: the weight matmuls alone", f"{f['decode_matmul_floor_tok_s']:.0f}",
+              f"{weight_mb:.1f} MB of weights read per token")]
+    if hf is not None:
+        t_hf, t_hf_nocache = decode_times[3:]
+        f.update({"hf_generate_tok_s": n_new / t_hf, "hf_generate_nocache_tok_s": n_new / t_hf_nocache,
+                  "decode_speedup_vs_hf": t_hf / t_cache, "decode_nocache_speedup_vs_hf": t_hf_nocache / t_nocache,
+                  "decode_max_speedup_vs_hf": t_hf / t_floor})  # if our step cost nothing beyond its matmuls
+        rows += [("transformers generate tokens/s, use_cache", f"{f['hf_generate_tok_s']:.0f}",
+                  f"{1e3 * t_hf / n_new:.2f} ms/token"),
+                 ("transformers generate tokens/s, no cache", f"{f['hf_generate_nocache_tok_s']:.0f}", ""),
+                 ("  ours / transformers (cached)", f"{f['decode_speedup_vs_hf']:.2f}x",
+                  f"target >= 3x; at most {f['decode_max_speedup_vs_hf']:.2f}x at the floor"),
+                 ("  ours / transformers (no cache)", f"{f['decode_nocache_speedup_vs_hf']:.2f}x", "")]
+    return rows, f
+
+
+SECTIONS = {"model": bench_model}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def print_table(title, rows):
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    print(f"\n== {title} ==")
+    for name, value, note in rows:
+        print(f"{name:<{w0}}  {value:>{w1}}  {note}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
+    p.add_argument("--no_hf", action="store_true", help="skip the transformers reference")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default); 1 is steadier "
+                                                            "when other jobs share the cores")
+    args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.device = pick_device(args.device)
+    names = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; known: {list(SECTIONS)}")
+
+    print(f"bench: device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}"
+          f"{' (quick)' if args.quick else ''}")
+    results = {"quick": args.quick}
+    for name in names:
+        rows, figures = SECTIONS[name](args)
+        print_table(name, rows)
+        results.update({f"{name}.{k}" if k in results else k: v for k, v in figures.items()})
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

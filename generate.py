@@ -1,0 +1,225 @@
+"""
+Chat with a checkpoint in the terminal, or generate once for a script.
+
+    python generate.py --ckpt=checkpoints/sft/ckpt.pt                        # multi-turn chat, streamed
+    python generate.py --ckpt=checkpoints/sft/ckpt.pt --prompt="3+4=?"       # answer once, exit
+    python generate.py --ckpt=checkpoints/pretrain/ckpt.pt --prompt="Once"   # continue plain text
+
+Works with every policy checkpoint (pretrain, sft, dpo, ppo), a quantized one (quantize.py) included; a
+pretraining checkpoint never saw the chat template, so it continues plain text instead of chatting.
+In the chat: /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply (at the prompt: quits).
+"""
+import sys
+
+import torch
+
+import trainer
+
+# -----------------------------------------------------------------------------
+ckpt = 'checkpoints/sft/ckpt.pt'
+prompt = ''                # non-empty: answer this once and exit
+system = ''                # system message that starts every conversation (chat checkpoints)
+max_new_tokens = 256
+temperature = 0.7          # 0 = greedy
+top_k = 50                 # 0 = off
+top_p = 0.9                # 1.0 = off
+repetition_penalty = 1.0   # > 1 discourages tokens already in the context
+seed = 1337
+device = 'auto'            # auto = cuda, then mps, then cpu
+# -----------------------------------------------------------------------------
+
+COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply"
+
+
+class StreamDecoder:
+    """Turns token ids into printable text as they arrive. A byte-level token can hold part of a UTF-8
+    character (a Chinese character is 3 bytes and BPE may split it), and decoding such a prefix gives U+FFFD;
+    so the last few ids are held back until they decode to whole characters. An incomplete character spans
+    at most 3 bytes, hence at most the last 3 ids; anything still undecodable after that is invalid for good
+    and is let through as U+FFFD. Decoding only the pending ids keeps this O(1) per token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token_id) -> str:
+        self.pending.append(int(token_id))
+        for keep in range(min(3, len(self.pending)) + 1):
+            head = self.pending[:len(self.pending) - keep]
+            text = self.tokenizer.decode(head)
+            if not text.endswith("\ufffd"):
+                self.pending = self.pending[len(head):]
+                return text
+        return self.flush()
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending)
+        self.pending = []
+        return text
+
+
+def fit_chat(tokenizer, messages, block_size, max_new_tokens):
+    """Render `messages` as a prompt that leaves room for the reply inside the context window, dropping the
+    oldest exchanges first (a system message stays while anything else can go). Returns (prompt ids, the
+    messages kept, note or None). A single message too long even alone is cut from its start: the end of what
+    the user wrote is what the reply must follow."""
+    budget = block_size - min(max_new_tokens, block_size // 2)
+    msgs = list(messages)
+    ids = tokenizer.render_prompt(msgs)
+    dropped = 0
+    while len(ids) > budget:
+        first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), len(msgs) - 1)
+        if first == len(msgs) - 1:
+            break  # only the newest message is left to drop
+        # one exchange: the oldest non-system message and any replies up to the next user message
+        end = first + 1
+        while end < len(msgs) - 1 and msgs[end]["role"] != "user":
+            end += 1
+        dropped += end - first
+        del msgs[first:end]
+        ids = tokenizer.render_prompt(msgs)
+    note = f"(dropped the {dropped} oldest messages to fit the {block_size}-token context)" if dropped else None
+    if len(ids) > budget:  # the newest message alone (with the system message, if any) is still too long
+        last = msgs[-1]
+        body = tokenizer.encode(last["content"])
+        room = max(budget - 3, 1)  # 3 = role header, end of turn, assistant header
+        if len(body) > room:
+            body = body[-room:]
+            note = f"(the message is too long for the {block_size}-token context: kept its last {room} tokens)"
+        else:
+            note = f"(left out the system message to fit the {block_size}-token context)"
+        ids = [tokenizer.role_ids[last["role"]]] + body + [tokenizer.end_id, tokenizer.assistant_id]
+    return ids, msgs, note
+
+
+def fit_text(tokenizer, text, block_size, max_new_tokens):
+    """Plain-text prompt for a pretraining checkpoint: documents were encode(text) + [eot], concatenated, so a
+    leading eot says "a new document starts here". Long text keeps its end."""
+    budget = block_size - min(max_new_tokens, block_size // 2)
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)
+    return ids[-budget:]
+
+
+def stream_reply(model, tokenizer, ids, gen, out):
+    """Generate after `ids`, writing text to `out` as it is made; returns the reply's token ids (no stop token).
+    Stops at any special token: end of turn/text, or a role header an undertrained model starts on its own."""
+    stop = sorted(tokenizer.special_ids)
+    idx = torch.tensor([ids], dtype=torch.long, device=gen["device"])
+    max_new = min(gen["max_new_tokens"], model.config.block_size - len(ids))
+    decoder = StreamDecoder(tokenizer)
+    reply = []
+    with gen["ctx"]:
+        for step in model.generate_stream(idx, max_new, temperature=gen["temperature"], top_k=gen["top_k"],
+                                          top_p=gen["top_p"], repetition_penalty=gen["repetition_penalty"],
+                                          stop_tokens=stop, pad_id=tokenizer.pad_id, generator=gen["generator"]):
+            t = int(step[0])
+            if t in tokenizer.special_ids:
+                break
+            reply.append(t)
+            out.write(decoder.push(t))
+            out.flush()
+    out.write(decoder.flush())
+    out.flush()
+    return reply
+
+
+def chat_loop(model, tokenizer, chat, gen, system_msg):
+    """The terminal REPL. Returns when the user quits."""
+    start = [{"role": "system", "content": system_msg}] if (chat and system_msg) else []
+    history = list(start)
+    block_size = model.config.block_size
+    print(f"{'chat' if chat else 'text continuation (pretraining checkpoint)'}: {COMMANDS}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave
+            print()
+            return
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if chat:
+            messages = history + [{"role": "user", "content": line}]
+            ids, messages, note = fit_chat(tokenizer, messages, block_size, gen["max_new_tokens"])
+        else:
+            ids, note = fit_text(tokenizer, line, block_size, gen["max_new_tokens"]), None
+            sys.stdout.write(line)  # show the continuation joined to its start
+        if note:
+            print(note, file=sys.stderr)
+        try:
+            reply = stream_reply(model, tokenizer, ids, gen, sys.stdout)
+        except KeyboardInterrupt:  # stop this reply only; it is not kept in the history
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        print()
+        if chat:
+            history = messages + [{"role": "assistant", "content": tokenizer.decode(reply)}]
+
+
+def main(argv=None):
+    cfg = trainer.configure(globals(), argv)
+    if cfg["temperature"] < 0:
+        raise trainer.UserError(f"--temperature must be >= 0, got {cfg['temperature']}")
+    if not 0 < cfg["top_p"] <= 1:
+        raise trainer.UserError(f"--top_p must be in (0, 1], got {cfg['top_p']}")
+    if cfg["top_k"] < 0:
+        raise trainer.UserError(f"--top_k must be >= 0, got {cfg['top_k']}")
+    if cfg["max_new_tokens"] < 1:
+        raise trainer.UserError(f"--max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
+    if cfg["repetition_penalty"] <= 0:
+        raise trainer.UserError(f"--repetition_penalty must be > 0, got {cfg['repetition_penalty']}")
+    path = cfg["ckpt"]
+
+    # POLICY_STAGES leaves out the reward model: it scores text and has no language-model head to chat with
+    checkpoint = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
+    rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=False)
+    try:
+        model, tokenizer = trainer.model_from_checkpoint(checkpoint, rt.device)
+    except (trainer.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
+        raise trainer.UserError(f"{path}: cannot build the model from it: {e}") from None
+    model.eval()
+    chat = checkpoint["stage"] != "pretrain"
+    print(f"{path}: stage {checkpoint['stage']}, {model.num_params() / 1e6:.2f}M parameters, "
+          f"context {model.config.block_size}, device {rt.device}", file=sys.stderr)
+    if not chat and cfg["system"]:
+        print("(--system ignored: a pretraining checkpoint has no chat template)", file=sys.stderr)
+
+    gen = dict(device=rt.device, ctx=rt.autocast, max_new_tokens=cfg["max_new_tokens"],
+               temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
+               top_p=cfg["top_p"] if cfg["top_p"] < 1 else None, repetition_penalty=cfg["repetition_penalty"],
+               generator=torch.Generator(device=rt.device).manual_seed(cfg["seed"]))
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show some character must not crash the chat
+        sys.stdout.reconfigure(errors="replace")
+
+    if cfg["prompt"]:
+        if chat:
+            messages = ([{"role": "system", "content": cfg["system"]}] if cfg["system"] else []) + \
+                       [{"role": "user", "content": cfg["prompt"]}]
+            ids, _, note = fit_chat(tokenizer, messages, model.config.block_size, cfg["max_new_tokens"])
+        else:
+            ids, note = fit_text(tokenizer, cfg["prompt"], model.config.block_size, cfg["max_new_tokens"]), None
+            sys.stdout.write(cfg["prompt"])
+        if note:
+            print(note, file=sys.stderr)
+        stream_reply(model, tokenizer, ids, gen, sys.stdout)
+        print()
+        return
+
+    if hasattr(sys.stdin, "reconfigure"):  # nor must odd bytes typed or piped in
+        sys.stdin.reconfigure(errors="replace")
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where available)
+        except ImportError:
+            pass
+    chat_loop(model, tokenizer, chat, gen, cfg["system"])
+
+
+if __name__ == "__main__":
+    trainer.cli(main)  # UserError -> one line `error: ...`, exit 2; Ctrl-C (loading, one-shot answer) -> exit 130

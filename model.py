@@ -1,0 +1,520 @@
+"""
+The GPT every stage shares: a Llama-style decoder written by hand in PyTorch.
+
+token embedding -> n_layer x [RMSNorm -> grouped-query attention with RoPE -> residual,
+                              RMSNorm -> SwiGLU MLP (or a Mixture-of-Experts of SwiGLU MLPs) -> residual]
+               -> RMSNorm -> output head (tied to the embedding or not)
+
+The numerics are those of transformers' LlamaForCausalLM (same rotary layout, same norm, same MLP), so its
+weights load through `from_hf_llama_state_dict` and give the same logits; tests/test_model.py checks that.
+Generation uses a preallocated KV cache: the prompt is run once (prefill), then one token per step.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _user_error(msg):
+    # bad configs are user input: the plumbing module turns its UserError into a one-line "error: ..."
+    try:
+        from trainer import UserError
+    except ImportError:  # model.py used on its own, without the rest of the project
+        return ValueError(msg)
+    return UserError(msg)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 6400
+    block_size: int = 512          # max sequence length (RoPE table length)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4             # divides n_head; == n_head is plain MHA
+    n_embd: int = 256
+    intermediate_size: int = 0     # 0 -> Llama rule: int(2*4*n_embd/3) rounded up to multiple_of
+    multiple_of: int = 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    n_experts: int = 0             # 0 = dense SwiGLU MLP; >0 = MoE
+    n_experts_per_tok: int = 2
+    n_shared_experts: int = 0
+    moe_aux_coef: float = 0.01
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise _user_error(f"ModelConfig: {msg}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        check(self.n_head % self.n_kv_head == 0, f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        check(self.head_dim % 2 == 0, f"head_dim = n_embd // n_head = {self.head_dim} must be even for RoPE")
+        check(self.n_experts == 0 or 1 <= self.n_experts_per_tok <= self.n_experts,
+              f"n_experts_per_tok={self.n_experts_per_tok} must be between 1 and n_experts={self.n_experts}")
+        check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_hidden(self):
+        if self.intermediate_size > 0:
+            return self.intermediate_size
+        # Llama: 2/3 of the usual 4*d keeps SwiGLU's three matrices at the cost of a 4*d two-matrix MLP
+        hidden = int(2 * 4 * self.n_embd / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise _user_error(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like Llama (bf16 squares lose too much); F.rms_norm runs PyTorch's fused kernel where
+        # it has one, which in training is several times faster than the written-out pow/mean/rsqrt
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, T, n_heads, head_dim); cos/sin (B or 1, T, 1, head_dim/2). Llama's "rotate half" layout: dimension i is
+    # paired with i + head_dim/2 (not with its neighbour), which is what lets HF weights load without a permutation.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for batch_size x max_len so decoding never concatenates."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device=None, dtype=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.pos = 0  # slots filled so far; GPT.hidden_states advances it after all layers have written
+
+    def update(self, layer, k, v):
+        # k, v (B, n_kv_head, T, head_dim) for the new tokens -> views over everything cached so far
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self):
+        self.pos = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # q, k and v in one matmul ((n_head + 2 * n_kv_head) heads): fewer kernel launches per decoded token, and
+        # RoPE rotates q and k in a single call
+        self.qkv_proj = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
+        B, T, _ = x.shape
+        H, Hkv = self.n_head, self.n_kv_head
+        # split (not slicing): its backward is one concatenation, where each slice's would zero-fill a full copy
+        qk, v = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).split([H + Hkv, Hkv], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos + T, head_dim)
+        # SDPA picks flash / memory-efficient kernels; enable_gqa lets each K/V head serve n_head/n_kv_head queries
+        # without materialising repeated copies
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(n_embd, 2 * hidden, bias=False)  # SwiGLU's gate and up in one matmul
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts (Mixtral style) plus optional always-on shared experts (DeepSeek style)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.k = cfg.n_experts, cfg.n_experts_per_tok
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg.n_embd, cfg.ffn_hidden) for _ in range(cfg.n_experts))
+        # n shared experts of the same size act like one MLP n times as wide, so they are one MLP here
+        self.shared = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.ffn_hidden) if cfg.n_shared_experts else None
+        self.aux_loss = None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                           # (N, C)
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)        # (N, E)
+        gate, expert_idx = probs.topk(self.k, dim=-1)                          # (N, k)
+        gate = gate / gate.sum(dim=-1, keepdim=True)  # renormalise over the chosen k so the output keeps its scale
+        # Sort the N*k (token, expert) pairs by expert: each expert then runs one matmul over a contiguous slice of
+        # its own tokens, and no expert ever sees a token it was not chosen for (no dense all-experts compute).
+        flat_idx = expert_idx.flatten()                                        # (N*k,)
+        order = flat_idx.argsort(stable=True)
+        token = order // self.k                                                # token of each sorted pair
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        chunks = x[token].split(counts.tolist())
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])     # (N*k, C)
+        y = y * gate.flatten()[order].unsqueeze(1).to(y.dtype)
+        out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        if self.training:
+            # Switch/Mixtral balancing loss: n_experts * sum_i f_i * P_i, f_i the share of routed pairs that went to
+            # expert i (no gradient), P_i its mean router probability (the gradient path). Uniform routing gives
+            # exactly 1; the more the routing concentrates on few experts, the larger it gets. Padding tokens count.
+            f = counts.float() / flat_idx.numel()
+            self.aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MoE(cfg) if cfg.n_experts > 0 else MLP(cfg.n_embd, cfg.ffn_hidden)
+        self.mlp_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
+        return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # RoPE angles for every position, fp32; not saved in checkpoints (derived from the config)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.aux_loss = torch.zeros(())
+
+        self.apply(self._init_weights)
+        # residual-branch outputs are summed over 2*n_layer branches: scale their init so the residual stream's
+        # variance does not grow with depth (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embedding=False):
+        # parameters() yields a tied tensor once
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add), for MFU."""
+        cfg = self.config
+        attn = cfg.n_embd * cfg.head_dim * (2 * cfg.n_head + 2 * cfg.n_kv_head)
+        mlp = 3 * cfg.n_embd * cfg.ffn_hidden
+        if cfg.n_experts:  # only the experts a token is routed to do work for it
+            mlp = mlp * (cfg.n_experts_per_tok + cfg.n_shared_experts) + cfg.n_embd * cfg.n_experts
+        # every weight matrix a token passes through (the head does a matmul; the embedding lookup does not)
+        matmul_params = cfg.n_layer * (attn + mlp) + cfg.n_embd * cfg.vocab_size
+        # QK^T and AV: with a causal mask a query meets on average seq_len/2 keys (PaLM counts seq_len; we do not
+        # inflate the figure)
+        attention = cfg.n_layer * 2 * (2 * cfg.n_head * cfg.head_dim * seq_len / 2)
+        return 3 * (2 * matmul_params + attention)
+
+    def make_cache(self, batch_size, max_len, device=None, dtype=None):
+        cfg = self.config
+        if max_len > cfg.block_size:
+            raise _user_error(f"cache length {max_len} exceeds block_size={cfg.block_size}")
+        p = self.embed_tokens.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def hidden_states(self, idx, attention_mask=None, positions=None, cache=None):
+        """(B, T) token ids -> (B, T, n_embd) after the final norm. With a cache, idx holds only the new tokens and
+        attention_mask (if any) covers everything cached so far plus them."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        total = start + T
+        if total > self.config.block_size:
+            raise _user_error(f"sequence length {total} exceeds block_size={self.config.block_size}")
+        if attention_mask is not None and attention_mask.shape != (B, total):
+            raise ValueError(f"attention_mask must be (B, {total}), got {tuple(attention_mask.shape)}")
+
+        # rotary angles: positions count real tokens only, so a left-padded row is numbered as if unpadded
+        if positions is None and attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        if positions is None:
+            cos, sin = self.rope_cos[start:total], self.rope_sin[start:total]       # (T, head_dim/2)
+            cos, sin = cos[None, :, None], sin[None, :, None]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2)
+        x = self.embed_dropout(self.embed_tokens(idx))
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+
+        # attention pattern: plain causal needs no mask (fast kernels); padding or a partly filled cache needs one
+        mask, is_causal = None, False
+        if attention_mask is None:
+            if start == 0:
+                is_causal = T > 1
+            elif T > 1:
+                q_pos = torch.arange(start, total, device=idx.device)
+                mask = torch.arange(total, device=idx.device)[None, :] <= q_pos[:, None]  # (T, total)
+        else:
+            q_pos = torch.arange(start, total, device=idx.device)[:, None]
+            k_pos = torch.arange(total, device=idx.device)[None, :]
+            key_ok = attention_mask.bool()[:, None, None, :]                               # (B, 1, 1, total)
+            # a padding query sees itself so that its softmax row is never empty (NaN); its output is never used
+            mask = ((k_pos <= q_pos) & key_ok) | (k_pos == q_pos)                          # (B, 1, T, total)
+
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.pos = total
+        if self.config.n_experts and self.training:
+            moe_aux = torch.stack([block.mlp.aux_loss for block in self.layers]).mean()
+            self.aux_loss = self.config.moe_aux_coef * moe_aux
+        else:
+            self.aux_loss = torch.zeros((), device=x.device)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, positions=None, cache=None):
+        """targets are already shifted (targets[:, t] follows idx[:, t]); -1 and loss_mask == 0 are ignored.
+        In training mode the loss includes model.aux_loss (MoE balancing); in eval mode that is zero."""
+        x = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        if loss_mask is not None:
+            targets = targets.masked_fill(loss_mask == 0, -1)
+        loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1, reduction="sum")
+        n_counted = (targets != -1).sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
+        return logits, loss_sum / n_counted + self.aux_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 stop_tokens=(), attention_mask=None, pad_id=0, generator=None):
+        """(B, T_prompt) -> (B, T_prompt + n_new). After a row's stop token (kept) it gets pad_id."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                        stop_tokens, attention_mask, pad_id, generator))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                        stop_tokens=(), attention_mask=None, pad_id=0, generator=None):
+        """Yields a (B,) LongTensor of new tokens per step. Prompts of different lengths: left-pad them (left_pad)
+        and pass attention_mask. temperature 0 = greedy."""
+        B, T = idx.shape
+        if T == 0:
+            raise _user_error("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
+        if T + max_new_tokens > self.config.block_size:
+            raise _user_error(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                              f"block_size={self.config.block_size}")
+        if max_new_tokens <= 0:
+            return
+        device = idx.device
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the mask-free fast path
+        if attention_mask is not None:
+            mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+            mask[:, :T] = attention_mask
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:  # positions follow from the cache position
+            mask = positions = None
+        seen = None
+        if repetition_penalty != 1.0:  # which tokens each row has seen (prompt padding excluded)
+            real = attention_mask.long() if attention_mask is not None else torch.ones_like(idx)
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.long, device=device).scatter_add_(1, idx, real) > 0
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+        was_training = self.training
+        self.eval()  # no dropout while sampling, even if the caller is mid-training (PPO rollouts)
+        try:
+            cache = self.make_cache(B, T + max_new_tokens)
+            tok = idx
+            for step in range(max_new_tokens):
+                x = self.hidden_states(tok, attention_mask=None if mask is None else mask[:, :cache.pos + tok.shape[1]],
+                                       positions=positions, cache=cache)
+                logits = self.lm_head(x[:, -1]).float()                                     # (B, V)
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                sampled = sample(logits, temperature, top_k, top_p, generator)
+                next_tok = torch.where(finished, torch.full_like(sampled, pad_id), sampled)
+                yield next_tok
+                if len(stop):
+                    finished |= torch.isin(next_tok, stop)
+                    if bool(finished.all()):
+                        return
+                if seen is not None:
+                    seen[torch.arange(B, device=device), sampled] = True
+                tok = sampled[:, None]  # finished rows are fed a valid id (pad_id may be any value); unused
+                if positions is not None:
+                    positions = positions[:, -1:] + 1
+        finally:
+            self.train(was_training)
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    # CTRL-style, as in HF: seen tokens are made less likely whatever the sign of their logit
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) float logits -> (B,) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the top token always stays)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(seqs, pad_id):
+    """list of token-id lists -> (idx (B, T) long, attention_mask (B, T) long), padded on the left so that every
+    row's last prompt token sits in the last column, where generation continues."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            idx[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            attention_mask[i, T - len(s):] = 1
+    return idx, attention_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers LlamaForCausalLM interop: our import/export path (tests check the logits agree)
+
+def from_hf_llama_state_dict(sd):
+    """transformers LlamaForCausalLM state dict -> ours (q/k/v and gate/up concatenated; a tied HF model may
+    omit lm_head.weight)."""
+    def get(name):
+        if name not in sd:
+            raise _user_error(f"not a Llama state dict: missing {name!r}")
+        return sd[name]
+    n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    out = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight"),
+           "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
+    for i in range(n_layer):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        out[ours + "attn_norm.weight"] = get(hf + "input_layernorm.weight")
+        out[ours + "attn.qkv_proj.weight"] = torch.cat([get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        out[ours + "attn.o_proj.weight"] = get(hf + "self_attn.o_proj.weight")
+        out[ours + "mlp_norm.weight"] = get(hf + "post_attention_layernorm.weight")
+        out[ours + "mlp.gate_up_proj.weight"] = torch.cat([get(hf + "mlp.gate_proj.weight"),
+                                                           get(hf + "mlp.up_proj.weight")])
+        out[ours + "mlp.down_proj.weight"] = get(hf + "mlp.down_proj.weight")
+    return out
+
+
+def to_hf_llama_state_dict(sd, config):
+    """Our state dict -> transformers LlamaForCausalLM's (dense models only: Llama has no MoE)."""
+    if config.n_experts:
+        raise _user_error("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
+    qkv_sizes = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+    out = {"model.embed_tokens.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(config.n_layer):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        out[hf + "input_layernorm.weight"] = sd[ours + "attn_norm.weight"]
+        q, k, v = sd[ours + "attn.qkv_proj.weight"].split(qkv_sizes)
+        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
+                    hf + "self_attn.v_proj.weight": v})
+        out[hf + "self_attn.o_proj.weight"] = sd[ours + "attn.o_proj.weight"]
+        out[hf + "post_attention_layernorm.weight"] = sd[ours + "mlp_norm.weight"]
+        gate, up = sd[ours + "mlp.gate_up_proj.weight"].chunk(2)
+        out.update({hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up})
+        out[hf + "mlp.down_proj.weight"] = sd[ours + "mlp.down_proj.weight"]
+    return out
+
+
+def to_hf_llama_config(cfg):
+    """Keyword arguments for transformers.LlamaConfig describing the same architecture."""
+    if cfg.n_experts:
+        raise _user_error("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.dropout, hidden_act="silu")
+
+
+def from_hf_llama_config(hf):
+    """A transformers LlamaConfig (or its to_dict()) -> ModelConfig."""
+    d = hf if isinstance(hf, dict) else hf.to_dict()
+    rope = d.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise _user_error(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+    if d.get("attention_bias") or d.get("mlp_bias"):
+        raise _user_error("Llama models with attention or MLP biases are not supported")
+    n_head = d["num_attention_heads"]
+    if d.get("head_dim") not in (None, d["hidden_size"] // n_head):
+        raise _user_error("head_dim != hidden_size // num_attention_heads is not supported")
+    return ModelConfig(vocab_size=d["vocab_size"], block_size=d["max_position_embeddings"],
+                       n_layer=d["num_hidden_layers"], n_head=n_head,
+                       n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=d["hidden_size"],
+                       intermediate_size=d["intermediate_size"], rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+                       norm_eps=d["rms_norm_eps"], tie_embeddings=d.get("tie_word_embeddings", False))

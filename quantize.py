@@ -1,0 +1,517 @@
+"""
+Homemade weight quantization in plain PyTorch (no bitsandbytes), so it runs on CPU, MPS and CUDA alike.
+
+- NF4 (QLoRA, Dettmers et al. 2023): the flattened weight is cut into blocks of 64, each block is divided by its
+  absolute maximum and every value is replaced by the nearest of 16 NormalFloat code points; two 4-bit codes share a
+  byte. Double quantization stores the per-block absmax constants themselves in 8 bits (blocks of 256, mean
+  subtracted first), which brings the cost from 4.5 down to ~4.127 bits per weight.
+- int8 weight-only: one absmax scale per output channel. For inference.
+
+`Linear4bit` / `Linear8bit` keep the packed weight in buffers (so the state dict holds the packed data) and
+dequantize on the fly, in row chunks, in forward and again in backward: only the gradient w.r.t. the input is
+computed (the base is frozen), which is what QLoRA needs to reach adapters in earlier layers, and no dequantized
+weight stays alive between forward and backward.
+
+CLI: python quantize.py --ckpt=checkpoints/sft/ckpt.pt --mode=nf4|int8 [--out=...]
+writes a quantized checkpoint that generate.py can chat with, and prints sizes and the change in val loss.
+"""
+import json
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The NF4 code: the published NormalFloat4 table. 8 positive and 7 negative quantiles of N(0, 1), normalised to
+# [-1, 1], plus an exact zero (so zero padding and zero weights stay exactly zero). nf4_code_from_quantiles()
+# rebuilds it from its definition; the tests check the two agree.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+# decision boundaries between neighbouring codes: a value on a boundary goes to the upper code (see nf4_encode)
+NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
+
+NF4_BLOCK_SIZE = 64      # weights per absmax constant
+ABSMAX_BLOCK_SIZE = 256  # absmax constants per second-level scale (double quantization)
+DEQUANT_CHUNK_ELEMS = 1 << 24  # dequantize at most this many weights at a time (64 MB in fp32)
+
+
+def nf4_code_from_quantiles(offset=0.9677083):
+    """The NF4 code from its definition: quantiles of N(0,1) at evenly spaced probabilities, 9 on the positive side
+    (the last being 0.5 -> 0) and 8 on the negative side, so that 0 is a code point and the code is asymmetric;
+    `offset` = mean of 1 - 1/(2*15) and 1 - 1/(2*16) keeps the outermost quantile finite."""
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    code = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (code / code.abs().max()).float()
+
+
+def nf4_encode(x):
+    """Values in [-1, 1] -> nearest NF4 code index (uint8). Out-of-range values clamp to the end codes; a value exactly
+    halfway between two codes goes to the upper one, like round-half-up."""
+    x = x.float().clamp(-1.0, 1.0)
+    return torch.bucketize(x, NF4_MIDPOINTS.to(x.device), right=True).to(torch.uint8)
+
+
+def pack_4bit(codes):
+    """(n,) uint8 codes < 16, n even -> (n//2,) uint8; element 2i goes to the high nibble, 2i+1 to the low one."""
+    assert codes.numel() % 2 == 0, "pack_4bit needs an even number of codes"
+    codes = codes.reshape(-1)
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack_4bit(packed):
+    """(m,) uint8 -> (2m,) uint8 codes, the inverse of pack_4bit."""
+    return torch.stack((packed >> 4, packed & 0xF), dim=-1).reshape(-1)
+
+
+def _safe(scale):
+    # an all-zero block has absmax 0: divide by 1 instead, its values are all 0 and encode to the exact-zero code
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _user_error(msg):
+    # trainer.UserError is the project's "bad input" error (printed as one line by trainer.cli); imported only when
+    # needed so that the numerics here work without the plumbing module
+    from trainer import UserError
+    return UserError(msg)
+
+
+def _check_finite(w):
+    if not torch.isfinite(w).all():
+        raise _user_error("quantize: the weight contains NaN or inf; the checkpoint is broken, nothing to quantize")
+
+
+def quantize_nf4(w, block_size=NF4_BLOCK_SIZE):
+    """Any-shaped float weight -> (packed (ceil(n/bs)*bs/2,) uint8, absmax (n_blocks,) float32). The flattened weight is
+    zero-padded to a whole number of blocks; the padding encodes to the zero code and is dropped on dequantization."""
+    assert block_size > 0 and block_size % 2 == 0, "block_size must be a positive even number"
+    flat = w.detach().float().reshape(-1)
+    _check_finite(flat)
+    flat = F.pad(flat, (0, (-flat.numel()) % block_size))
+    blocks = flat.view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    codes = nf4_encode(blocks / _safe(absmax)[:, None])
+    return pack_4bit(codes), absmax
+
+
+_PAIR_TABLES = {}
+
+
+def _nf4_pair_table(device):
+    # byte -> (code[high nibble], code[low nibble]): one gather dequantizes two weights, no shifting per element.
+    # Kept per device outside the modules so that model.to(bfloat16) cannot round the code values.
+    key = str(device)
+    if key not in _PAIR_TABLES:
+        b = torch.arange(256)
+        _PAIR_TABLES[key] = torch.stack((NF4_CODE[b >> 4], NF4_CODE[b & 0xF]), dim=1).to(device)  # (256, 2)
+    return _PAIR_TABLES[key]
+
+
+def dequantize_nf4(packed, absmax, numel=None, block_size=NF4_BLOCK_SIZE, dtype=torch.float32):
+    """Inverse of quantize_nf4 up to the code rounding: returns the flat (numel,) weight (reshape it yourself)."""
+    vals = _nf4_pair_table(packed.device).index_select(0, packed.int())  # (n_bytes, 2)
+    w = vals.view(-1, block_size) * absmax.float()[:, None]
+    w = w.view(-1)
+    return (w if numel is None else w[:numel]).to(dtype)
+
+
+def quantize_absmax(absmax, block_size=ABSMAX_BLOCK_SIZE):
+    """Double quantization: absmax (n,) float32 -> (q (n,) int8, step (ceil(n/bs),) float32, mean () float32).
+    The absmax values are all positive, so subtracting their mean first centres them and lets the symmetric int8
+    grid spend its 255 levels on the spread rather than on the offset."""
+    absmax = absmax.float()
+    n = absmax.numel()
+    mean = absmax.mean()
+    blocks = F.pad(absmax - mean, (0, (-n) % block_size)).view(-1, block_size)
+    step = blocks.abs().amax(dim=1) / 127
+    q = torch.round(blocks / _safe(step)[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.view(-1)[:n].contiguous(), step, mean
+
+
+def dequantize_absmax(q, step, mean, block_size=ABSMAX_BLOCK_SIZE):
+    n = q.numel()
+    blocks = F.pad(q.float(), (0, (-n) % block_size)).view(-1, block_size)
+    return (blocks * step.float()[:, None]).view(-1)[:n] + mean.float()
+
+
+def quantize_int8(w):
+    """(out, in) float -> (q (out, in) int8, scale (out,) float32) with w ~= q * scale[:, None]."""
+    w = w.detach().float()
+    _check_finite(w)
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / _safe(scale)[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+def _compute_dtype(x):
+    # under autocast the matmul runs in the autocast dtype anyway: dequantize straight into it, not into fp32 first
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _DequantLinearFn(torch.autograd.Function):
+    """y = x W^T with W dequantized on the fly. Backward dequantizes W again instead of saving it, and returns only
+    the input gradient: the quantized weight is frozen, but adapters in earlier layers need grad to flow through."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        ctx.x_dtype = x.dtype
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        outs = [F.linear(x, layer.dequantize(dtype, r0, r1)) for r0, r1 in layer.row_chunks()]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer = ctx.layer
+        grad_x = None
+        for r0, r1 in layer.row_chunks():
+            part = grad_out[..., r0:r1] @ layer.dequantize(grad_out.dtype, r0, r1)  # (..., rows) @ (rows, in)
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x.to(ctx.x_dtype), None
+
+
+class QuantLinear(nn.Module):
+    """Shared by Linear4bit and Linear8bit: a frozen linear whose weight lives in buffers and is dequantized per
+    chunk of output rows. Subclasses implement dequantize(dtype, row_start, row_end) -> (rows, in_features)."""
+
+    def __init__(self, in_features, out_features, bias, device):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.chunk_elems = DEQUANT_CHUNK_ELEMS
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    def row_chunks(self):
+        step = max(1, self.chunk_elems // self.in_features)
+        return [(r, min(r + step, self.out_features)) for r in range(0, self.out_features, step)]
+
+    def forward(self, x):
+        y = _DequantLinearFn.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def weight_nbytes(self):
+        """Bytes of everything that stores the weight (not the bias)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n != "bias")
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Linear4bit(QuantLinear):
+    """Frozen NF4 linear. Buffers: weight_packed (uint8, two codes per byte) and either absmax (float32, one per block)
+    or, with double quantization, absmax_q (int8) + absmax_step (float32, one per 256 blocks) + absmax_mean."""
+
+    def __init__(self, in_features, out_features, bias=False, block_size=NF4_BLOCK_SIZE, double_quant=True, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        assert block_size > 0 and block_size % 2 == 0, "block_size must be a positive even number"
+        self.block_size = block_size
+        self.double_quant = double_quant
+        n_blocks = -(-in_features * out_features // block_size)
+        self.register_buffer("weight_packed", torch.zeros(n_blocks * block_size // 2, dtype=torch.uint8, device=device))
+        if double_quant:
+            self.register_buffer("absmax_q", torch.zeros(n_blocks, dtype=torch.int8, device=device))
+            self.register_buffer("absmax_step", torch.zeros(-(-n_blocks // ABSMAX_BLOCK_SIZE), device=device))
+            self.register_buffer("absmax_mean", torch.zeros((), device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks, device=device))
+
+    @classmethod
+    def from_linear(cls, linear, block_size=NF4_BLOCK_SIZE, double_quant=True):
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, block_size, double_quant, w.device)
+        packed, absmax = quantize_nf4(w, block_size)
+        m.weight_packed.copy_(packed)
+        if double_quant:
+            q, step, mean = quantize_absmax(absmax)
+            m.absmax_q.copy_(q)
+            m.absmax_step.copy_(step)
+            m.absmax_mean.copy_(mean)
+        else:
+            m.absmax.copy_(absmax)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def block_absmax(self):
+        if self.double_quant:
+            return dequantize_absmax(self.absmax_q, self.absmax_step, self.absmax_mean)
+        return self.absmax.float()
+
+    def dequantize(self, dtype=torch.float32, row_start=0, row_end=None):
+        row_end = self.out_features if row_end is None else row_end
+        bs = self.block_size
+        start, end = row_start * self.in_features, row_end * self.in_features  # flat element range
+        b0, b1 = start // bs, -(-end // bs)  # the blocks that cover it
+        packed = self.weight_packed[b0 * bs // 2: b1 * bs // 2]
+        w = dequantize_nf4(packed, self.block_absmax()[b0:b1], None, bs, torch.float32)
+        return w[start - b0 * bs: end - b0 * bs].view(row_end - row_start, self.in_features).to(dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", block_size={self.block_size}, double_quant={self.double_quant}"
+
+
+class Linear8bit(QuantLinear):
+    """Frozen int8 weight-only linear, one scale per output channel. Buffers: weight (int8, out x in), scale (float32)."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, device=device))
+
+    @classmethod
+    def from_linear(cls, linear):
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+        q, scale = quantize_int8(linear.weight)
+        m.weight.copy_(q)
+        m.scale.copy_(scale)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def dequantize(self, dtype=torch.float32, row_start=0, row_end=None):
+        w = self.weight[row_start:row_end]
+        return (w.float() * self.scale[row_start:row_end].float()[:, None]).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Whole models
+
+# regexes on module names that stay in full precision by default: the output head (the most sensitive layer, and
+# tied to the embedding by default) and MoE routers (tiny, and rounding them flips which experts a token gets)
+DEFAULT_SKIP = (r"(^|\.)lm_head$", r"(^|\.)router$")
+
+
+def _matches(name, patterns):
+    return any(re.search(p, name) for p in patterns)
+
+
+def _replace_linears(model, names, make):
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child)))
+
+
+def _head_is_tied(model, name):
+    w = model.get_submodule(name).weight
+    return any(p is w for n, p in model.named_parameters(remove_duplicate=False) if n != name + ".weight")
+
+
+def quantize_model(model, mode="nf4", skip=DEFAULT_SKIP, block_size=NF4_BLOCK_SIZE, double_quant=True):
+    """Replace every nn.Linear whose name matches none of the `skip` regexes by Linear4bit (mode 'nf4') or Linear8bit
+    (mode 'int8'), in place. Embeddings are never touched. Returns the `quantization` entry of a checkpoint:
+    {"mode", "block_size", "double_quant", "skip", "modules": [replaced module names]}."""
+    if mode not in ("nf4", "int8"):
+        raise _user_error(f"quantize: mode must be 'nf4' or 'int8', got {mode!r}")
+    if any(".lora_A" in n or n.startswith("lora_A") for n, _ in model.named_parameters()):
+        raise _user_error("quantize: the model already has LoRA adapters; quantize the base first, then add LoRA")
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    tied = [n for n in names if _head_is_tied(model, n)]
+    if tied:
+        raise _user_error(f"quantize: {tied[0]} shares its weight with another layer (tied embeddings); "
+                        f"keep it in full precision (leave it in skip)")
+    if mode == "nf4":
+        _replace_linears(model, names, lambda lin: Linear4bit.from_linear(lin, block_size, double_quant))
+    else:
+        _replace_linears(model, names, Linear8bit.from_linear)
+    info = {"mode": mode, "skip": list(skip), "modules": names}
+    if mode == "nf4":
+        info.update(block_size=block_size, double_quant=double_quant)
+    return info
+
+
+def _empty_quant_linear(lin, q):
+    dev = lin.weight.device
+    if q["mode"] == "nf4":
+        return Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, q["block_size"], q["double_quant"], dev)
+    return Linear8bit(lin.in_features, lin.out_features, lin.bias is not None, dev)
+
+
+def load_quantized_model(ckpt, device):
+    """Rebuild a GPT from a quantized checkpoint dict (as written by this file's CLI): build the float model, swap the
+    recorded linears for empty quantized shells of the same shape, then load the packed state dict."""
+    from model import GPT, ModelConfig
+    q = ckpt.get("quantization")
+    if not isinstance(q, dict) or q.get("mode") not in ("nf4", "int8") or not isinstance(q.get("modules"), list):
+        raise _user_error("checkpoint: 'quantization' must be a dict with mode 'nf4' or 'int8' and a 'modules' list")
+    if q["mode"] == "nf4" and not ("block_size" in q and "double_quant" in q):
+        raise _user_error("checkpoint: an nf4 'quantization' entry needs 'block_size' and 'double_quant'")
+    model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
+    for name in q["modules"]:
+        try:
+            ok = type(model.get_submodule(name)) is nn.Linear
+        except AttributeError:
+            ok = False
+        if not ok:
+            raise _user_error(f"checkpoint: quantized module {name!r} is not a linear layer of this model")
+    _replace_linears(model, q["modules"], lambda lin: _empty_quant_linear(lin, q))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise _user_error(f"checkpoint: the quantized weights do not fit the model: {str(e).splitlines()[0]}") from None
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Measurements (used by the CLI below and by bench.py)
+
+def state_dict_nbytes(sd):
+    """Bytes of a state dict's tensors, counting storage shared by several keys (tied weights) once."""
+    seen, total = set(), 0
+    for t in sd.values():
+        if not torch.is_tensor(t):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def bits_per_weight(model):
+    """Storage bits per quantized weight over all Linear4bit/Linear8bit layers of a model (padding and the scale
+    constants included, bias excluded): ~4.127 for NF4 with double quantization, 4.5 without, ~8.0x for int8."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return float("nan")
+    nbytes = sum(m.weight_nbytes() for m in layers)
+    nweights = sum(m.in_features * m.out_features for m in layers)
+    return 8 * nbytes / nweights
+
+
+def _val_tokens(ckpt):
+    """The checkpoint's data set's val.bin as a memmap, or None when it (or the data set name) is not there."""
+    from trainer import dataset_dir
+    dataset = (ckpt.get("train_config") or {}).get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        return None, None
+    folder = dataset_dir(dataset)
+    path = os.path.join(folder, "val.bin")
+    if not os.path.exists(path):
+        return None, path
+    dtype = None
+    meta = os.path.join(folder, "meta.json")
+    if os.path.exists(meta):
+        with open(meta, encoding="utf-8") as f:
+            dtype = json.load(f).get("dtype")
+    if dtype is None:  # prepare.py's rule
+        dtype = "uint16" if ckpt["model_config"]["vocab_size"] <= 65535 else "uint32"
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r"), path
+
+
+@torch.no_grad()
+def _val_loss(model, tokens, starts, seq_len, device, autocast):
+    """Mean loss over fixed windows of `tokens`: the same windows before and after quantizing."""
+    losses = []
+    for row in starts:  # one batch of window starts
+        batch = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in row]).astype(np.int64)).to(device)
+        with autocast:
+            _, loss = model(batch[:, :-1], targets=batch[:, 1:])
+        losses.append(loss.float().item())
+    return sum(losses) / len(losses)
+
+
+# -----------------------------------------------------------------------------
+# CLI settings (--key=value or a config/PRESET.py; the lowercase constants below are the settings)
+ckpt = 'checkpoints/sft/ckpt.pt'  # the checkpoint to quantize (a stage folder means its ckpt.pt)
+mode = 'nf4'               # nf4 (4-bit NormalFloat, ~4.13 bits/weight) | int8 (per-channel weight-only)
+out = ''                   # '' = next to the input: <folder>/ckpt_<mode>.pt
+nf4_block = 64             # nf4: weights per absmax constant
+double_quant = True        # nf4: store the absmax constants in 8 bits too (4.127 instead of 4.5 bits/weight)
+quantize_head = False      # also quantize the output head (refused when it is tied to the embedding)
+eval_iters = 20            # val loss before/after on this many batches of data/<dataset>/val.bin; 0 = skip
+eval_batch_size = 8
+device = 'auto'            # auto = cuda, then mps, then cpu
+dtype = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def main():
+    import trainer
+    cfg = trainer.configure(globals())
+    if cfg["mode"] not in ("nf4", "int8"):
+        raise trainer.UserError(f"--mode must be nf4 or int8, got {cfg['mode']!r}")
+    if cfg["nf4_block"] <= 0 or cfg["nf4_block"] % 2:
+        raise trainer.UserError(f"--nf4_block must be a positive even number, got {cfg['nf4_block']}")
+    if cfg["eval_iters"] < 0 or cfg["eval_batch_size"] < 1:
+        raise trainer.UserError("--eval_iters must be >= 0 and --eval_batch_size >= 1")
+    path = cfg["ckpt"]
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    src = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
+    if "quantization" in src:
+        raise trainer.UserError(f"{path}: already quantized ({src['quantization'].get('mode')}); "
+                                f"quantize the full-precision checkpoint instead")
+    out_path = cfg["out"] or os.path.join(os.path.dirname(os.path.abspath(path)), f"ckpt_{cfg['mode']}.pt")
+    if os.path.abspath(out_path) == os.path.abspath(path):
+        raise trainer.UserError(f"--out={out_path} would overwrite the checkpoint being quantized")
+    rt = trainer.setup(device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"], compile=False)
+    model, _ = trainer.model_from_checkpoint(src, rt.device)
+    bytes_before = state_dict_nbytes(model.state_dict())
+
+    tokens, val_path = _val_tokens(src) if cfg["eval_iters"] else (None, None)
+    seq_len = model.config.block_size
+    if tokens is not None:
+        seq_len = min(seq_len, len(tokens) - 1)
+        if seq_len < 1:
+            tokens = None
+    if tokens is not None:
+        rng = np.random.default_rng(cfg["seed"])
+        starts = rng.integers(0, len(tokens) - seq_len, size=(cfg["eval_iters"], cfg["eval_batch_size"]))
+        loss_before = _val_loss(model, tokens, starts, seq_len, rt.device, rt.autocast)
+
+    skip = tuple(p for p in DEFAULT_SKIP if not (cfg["quantize_head"] and "lm_head" in p))
+    info = quantize_model(model, cfg["mode"], skip, cfg["nf4_block"], cfg["double_quant"])
+    info["bits_per_weight"] = bits_per_weight(model)
+    info["source"] = path
+    sd = {k: v.cpu() for k, v in model.state_dict().items()}
+    bytes_after = state_dict_nbytes(sd)
+    summary = {"mode": cfg["mode"], "bits_per_weight": round(info["bits_per_weight"], 4),
+               "weights_bytes_before": bytes_before, "weights_bytes_after": bytes_after}
+    if tokens is not None:
+        loss_after = _val_loss(model, tokens, starts, seq_len, rt.device, rt.autocast)
+        info.update(val_loss_before=loss_before, val_loss_after=loss_after)
+        summary.update(val_loss_before=round(loss_before, 4), val_loss_after=round(loss_after, 4))
+
+    out_ckpt = {"model_config": src["model_config"], "model": sd, "tokenizer": src["tokenizer"],
+                "stage": src["stage"], "train_config": src.get("train_config", {}),
+                "metrics": src.get("metrics", {}), "quantization": info}
+    trainer.save_checkpoint(out_path, out_ckpt)
+    file_before, file_after = os.path.getsize(path), os.path.getsize(out_path)
+    summary.update(file_bytes_before=file_before, file_bytes_after=file_after)
+
+    mb = lambda n: f"{n / 2**20:.2f} MB"
+    kept = ["embeddings"] + [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    print(f"{len(info['modules'])} linear layers -> {cfg['mode']}, {info['bits_per_weight']:.3f} bits per weight; "
+          f"kept in full precision: {', '.join(kept)}")
+    print(f"model weights:   {mb(bytes_before)} -> {mb(bytes_after)} ({bytes_before / bytes_after:.2f}x smaller)")
+    note = " (the source also holds training state)" if "optimizer" in src else ""
+    print(f"checkpoint file: {mb(file_before)} -> {mb(file_after)} ({file_before / file_after:.2f}x smaller){note}")
+    if tokens is not None:
+        print(f"val loss on {val_path} ({cfg['eval_iters']} x {cfg['eval_batch_size']} x {seq_len} tokens): "
+              f"{loss_before:.4f} -> {loss_after:.4f} ({loss_after - loss_before:+.4f})")
+    elif cfg["eval_iters"]:
+        print(f"val loss: skipped, {val_path or 'the checkpoint names no data set'} not found")
+    print(f"wrote {out_path}  (chat: python generate.py --ckpt={out_path})")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    import trainer
+    trainer.cli(main)

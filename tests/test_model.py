@@ -1,0 +1,366 @@
+"""model.py: cached decoding, padding, causality, Llama equivalence, MoE routing, sampling, loss masking."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPT, ModelConfig, left_pad
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: a second thread only adds synchronisation cost on a shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=32, intermediate_size=48)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+CONFIGS = {
+    "mha": tiny(),
+    "gqa": tiny(n_kv_head=2),
+    "mqa_untied": tiny(n_kv_head=1, tie_embeddings=False),
+    "moe": tiny(n_kv_head=2, n_experts=4, n_experts_per_tok=2, n_shared_experts=1),
+}
+
+
+def make(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = GPT(cfg).eval()
+    # the default init (std 0.02) gives near-zero logits that would hide small numerical errors: make them O(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config
+
+def test_config_round_trips_through_dict_and_rejects_unknown_keys():
+    cfg = tiny(n_experts=4, rope_theta=500000.0)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(Exception, match="n_layers"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layers": 3})
+    with pytest.raises(Exception, match="n_kv_head"):
+        tiny(n_kv_head=3)
+
+
+def test_llama_hidden_size_rule():
+    assert ModelConfig(n_embd=256).ffn_hidden == 704  # int(2*4*256/3) = 682 -> next multiple of 32
+    assert ModelConfig(n_embd=256, intermediate_size=500).ffn_hidden == 500
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache, padding, causality
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_decoding_matches_full_forward_at_every_position(name):
+    # guards against wrong rotary positions after prefill, cache slots written at the wrong offset, and a missing
+    # causal mask when a multi-token chunk is appended to a non-empty cache
+    m = make(CONFIGS[name])
+    idx = torch.randint(0, 97, (2, 20))
+    full, _ = m(idx)
+    cache = m.make_cache(2, 20)
+    pieces = [m(idx[:, :6], cache=cache)[0], m(idx[:, 6:9], cache=cache)[0]]  # prefill, then a 3-token chunk
+    pieces += [m(idx[:, t:t + 1], cache=cache)[0] for t in range(9, 20)]     # then one token per step
+    cached = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "moe"])
+def test_left_padded_batch_matches_each_row_alone(name):
+    # guards against padding leaking into attention and against positions counted from the padded start
+    m = make(CONFIGS[name])
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    cont = torch.randint(0, 97, (3, 5), generator=g)  # teacher-forced continuation, fed one token per step
+    idx, attention_mask = left_pad(prompts, pad_id=0)
+    B, T = idx.shape
+    cache = m.make_cache(B, T + 5)
+    mask = torch.cat([attention_mask, torch.ones(B, 5, dtype=torch.long)], dim=1)
+    logits = [m(idx, attention_mask=attention_mask, cache=cache)[0]]
+    for t in range(5):
+        logits.append(m(cont[:, t:t + 1], attention_mask=mask[:, :T + t + 1], cache=cache)[0])
+    logits = torch.cat(logits, dim=1)
+    for i, p in enumerate(prompts):
+        alone, _ = m(torch.tensor([p + cont[i].tolist()]))
+        torch.testing.assert_close(logits[i, T - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+    # and the same through generate(): batched greedy rows equal each prompt generated alone
+    out = m.generate(idx, 6, temperature=0, attention_mask=attention_mask)
+    for i, p in enumerate(prompts):
+        alone = m.generate(torch.tensor([p]), 6, temperature=0)
+        assert out[i, T:].tolist() == alone[0, len(p):].tolist()
+
+
+def test_full_forward_with_padding_mask_matches_unpadded_rows():
+    m = make(CONFIGS["gqa"])
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
+    idx, attention_mask = left_pad(prompts, pad_id=0)
+    logits, _ = m(idx, attention_mask=attention_mask)
+    assert torch.isfinite(logits).all()  # fully padded query rows must not produce NaN
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(logits[i, -len(p):], m(torch.tensor([p]))[0][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mha", "moe"])
+def test_changing_a_later_token_never_changes_earlier_logits(name):
+    m = make(CONFIGS[name])
+    idx = torch.randint(0, 97, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 97
+    a, b = m(idx)[0], m(changed)[0]
+    # not bitwise: MoE groups tokens per expert, so another token changes a matmul's shape and its rounding
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=1e-5, rtol=0)
+    assert (a[:, 10:] - b[:, 10:]).abs().amax(dim=-1).min() > 1e-4
+
+
+def test_left_pad():
+    idx, mask = left_pad([[4, 5], [1, 2, 3]], pad_id=9)
+    assert idx.tolist() == [[9, 4, 5], [1, 2, 3]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# equivalence with transformers' LlamaForCausalLM
+
+@pytest.mark.parametrize("n_kv_head,tie", [(4, True), (2, False), (2, True), (4, False)])
+def test_logits_match_transformers_llama(n_kv_head, tie):
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny(n_kv_head=n_kv_head, tie_embeddings=tie, rope_theta=1000.0, norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.to_hf_llama_config(cfg))).eval()
+    with torch.no_grad():  # O(1) logits, and norm weights that are not all ones (so a skipped norm weight shows)
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(model.from_hf_llama_state_dict(hf.state_dict()), strict=True)
+    assert ours.config == model.from_hf_llama_config(hf.config)
+
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert ref.std() > 0.5
+    torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=0)
+
+    # left padding with explicit positions, as in batched generation
+    idx, attention_mask = left_pad([[3, 1, 4, 1, 5], list(range(10, 22))], pad_id=0)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(idx, attention_mask=attention_mask, position_ids=positions).logits
+    got = ours(idx, attention_mask=attention_mask)[0]
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+
+    # export path: our weights load strictly into transformers and give the same logits
+    hf2 = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.to_hf_llama_config(cfg))).eval()
+    hf2.load_state_dict(model.to_hf_llama_state_dict(ours.state_dict(), cfg), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf2(idx).logits, hf(idx).logits, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture of Experts
+
+def moe_layer(seed=0, **kw):
+    cfg = tiny(n_experts=4, n_experts_per_tok=2, **kw)
+    m = make(cfg, seed)
+    return m, m.layers[0].mlp
+
+
+def record_expert_inputs(moe):
+    seen = {}
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda mod, inp, out, e=e: seen.setdefault(e, []).append(inp[0].detach()))
+    return seen
+
+
+def test_moe_each_token_reaches_exactly_k_experts_with_renormalised_gates():
+    m, moe = moe_layer(n_shared_experts=1)
+    seen = record_expert_inputs(moe)
+    x = torch.randn(3, 7, 32)  # rows are distinct, so each row an expert receives identifies its token
+    with torch.no_grad():
+        out = moe(x)
+    tokens = x.reshape(-1, 32)
+    hits = torch.zeros(len(tokens), 4, dtype=torch.long)
+    for e, inputs in seen.items():
+        for row in torch.cat(inputs):
+            match = (tokens == row).all(dim=1).nonzero().flatten()
+            assert len(match) == 1
+            hits[match[0], e] += 1
+    assert (hits.sum(dim=1) == 2).all() and hits.max() == 1  # k distinct experts per token
+    # and the output is the renormalised-gate mixture of the chosen experts, computed token by token
+    with torch.no_grad():
+        probs = F.softmax(moe.router(tokens), dim=-1)
+        ref = torch.zeros_like(tokens)
+        for n in range(len(tokens)):
+            chosen = hits[n].nonzero().flatten()
+            for e in chosen:
+                ref[n] += probs[n, e] / probs[n, chosen].sum() * moe.experts[e](tokens[n])
+            ref[n] += moe.shared(tokens[n])  # the shared expert sees every token, ungated
+    torch.testing.assert_close(out.reshape(-1, 32), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_balancing_loss_is_exactly_coef_for_uniform_routing_and_larger_when_skewed():
+    m, moe = moe_layer(moe_aux_coef=0.01)
+    m.train()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        for block in m.layers:
+            block.mlp.router.weight.zero_()  # every expert equally likely for every token
+        m(idx)
+        torch.testing.assert_close(m.aux_loss, torch.tensor(0.01))
+        # push every token towards expert 0: far from balanced, the raw loss approaches n_experts / k = 2
+        moe.router.weight[0] = 5.0
+        moe(torch.rand(32, 32) + 0.5)
+        assert moe.aux_loss > 1.9
+        m.eval()
+        m(idx)
+        assert m.aux_loss == 0  # validation loss stays pure cross entropy (perplexity)
+
+
+def test_moe_training_loss_includes_aux_and_every_routed_expert_gets_a_gradient():
+    m, moe = moe_layer(seed=3)
+    m.train()
+    seen = record_expert_inputs(moe)
+    idx = torch.randint(0, 97, (2, 16))
+    logits, loss = m(idx, targets=idx)
+    ce = F.cross_entropy(logits.reshape(-1, 97), idx.reshape(-1))
+    torch.testing.assert_close(loss, ce + m.aux_loss)
+    assert m.aux_loss > 0
+    loss.backward()
+    routed = {e for e, inputs in seen.items() if sum(len(i) for i in inputs) > 0}
+    assert len(routed) >= 2
+    for e, expert in enumerate(moe.experts):
+        for p in expert.parameters():
+            if e in routed:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"expert {e} was routed to but got no gradient"
+            else:
+                assert p.grad is None or p.grad.abs().sum() == 0
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation
+
+def test_greedy_is_deterministic_and_top_k_1_equals_greedy():
+    m = make(CONFIGS["gqa"])
+    idx = torch.randint(0, 97, (2, 5))
+    greedy = m.generate(idx, 12, temperature=0)
+    assert greedy.shape == (2, 17) and torch.equal(greedy[:, :5], idx)
+    assert torch.equal(m.generate(idx, 12, temperature=0), greedy)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(m.generate(idx, 12, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(m.generate(idx, 12, temperature=1.0, top_p=1e-6, generator=g), greedy)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    m = make(CONFIGS["mha"])
+    idx = torch.randint(0, 97, (2, 5))
+    run = lambda seed: m.generate(idx, 16, temperature=1.0, top_k=20, top_p=0.9,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_a_stop_token_stops_only_its_row():
+    m = make(CONFIGS["gqa"])
+    idx = torch.randint(0, 97, (2, 5))
+    free = m.generate(idx, 10, temperature=0)[:, 5:]
+    # a token row 0 first emits at step j >= 1
+    j = next(j for j in range(1, 10) if free[0, j] not in free[0, :j])
+    stop = free[0, j].item()
+    first_in_row1 = (free[1] == stop).nonzero()
+    out = m.generate(idx, 10, temperature=0, stop_tokens=[stop], pad_id=-7)[:, 5:]
+    assert out[0, :j + 1].tolist() == free[0, :j + 1].tolist()  # the stop token itself is kept
+    assert (out[0, j + 1:] == -7).all()
+    end = first_in_row1[0, 0].item() + 1 if len(first_in_row1) else 10
+    assert end > j + 1 and out[1, :end].tolist() == free[1, :end].tolist()  # the other row goes on
+    # once every row has stopped, generation ends early
+    single = m.generate(idx[:1], 10, temperature=0, stop_tokens=[stop])
+    assert single.shape == (1, 5 + j + 1)
+
+
+def test_generate_stream_yields_the_same_tokens_as_generate():
+    m = make(CONFIGS["moe"])
+    idx, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8]], pad_id=0)
+    out = m.generate(idx, 7, temperature=0, attention_mask=mask)
+    steps = list(m.generate_stream(idx, 7, temperature=0, attention_mask=mask))
+    assert all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, dim=1), out[:, idx.shape[1]:])
+
+
+def test_repetition_penalty_follows_ctrl_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    got = model.apply_repetition_penalty(logits, seen, 2.0)
+    assert got.tolist() == [[1.0, -4.0, 1.0, 3.0]]
+    # generation with a large penalty never repeats a token while unseen ones remain
+    m = make(CONFIGS["mha"])
+    idx = torch.tensor([[1, 2, 3]])
+    out = m.generate(idx, 20, temperature=0, repetition_penalty=1e9)[0].tolist()
+    assert len(set(out)) == len(out)
+
+
+def test_dropout_only_in_training_mode():
+    m = make(tiny(dropout=0.2))
+    idx = torch.randint(0, 97, (2, 12))
+    assert torch.equal(m(idx)[0], m(idx)[0])
+    m.train()
+    assert not torch.equal(m(idx)[0], m(idx)[0])
+
+
+def test_generate_restores_training_mode_and_rejects_too_long_requests():
+    m = make(tiny(dropout=0.1))
+    m.train()
+    m.generate(torch.tensor([[1, 2]]), 3, temperature=0)
+    assert m.training
+    with pytest.raises(Exception, match="block_size"):
+        m.generate(torch.tensor([[1, 2]]), 63, temperature=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss, parameter and FLOP counts
+
+def test_loss_with_loss_mask_equals_manual_masked_cross_entropy():
+    m = make(CONFIGS["mha"])
+    idx = torch.randint(0, 97, (2, 10))
+    targets = torch.randint(0, 97, (2, 10))
+    targets[1, 0] = -1
+    loss_mask = torch.randint(0, 2, (2, 10))
+    loss_mask[0, 0] = 1
+    logits, loss = m(idx, targets=targets, loss_mask=loss_mask)
+    keep = (loss_mask == 1) & (targets != -1)
+    manual = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, manual)
+    # nothing to learn gives 0, not NaN
+    assert m(idx, targets=targets, loss_mask=torch.zeros_like(loss_mask))[1].item() == 0
+
+
+def test_param_count_and_flops_per_token():
+    tied, untied = GPT(tiny()), GPT(tiny(tie_embeddings=False))
+    assert untied.num_params() - tied.num_params() == 97 * 32
+    assert tied.num_params(exclude_embedding=True) == tied.num_params() - 97 * 32
+    linear = sum(mod.weight.numel() for mod in tied.modules() if isinstance(mod, torch.nn.Linear))
+    attention = 2 * 2 * (2 * 4 * 8 * 50 / 2)  # 2 layers, QK^T + AV, n_head*head_dim = 32, causal half of 50 keys
+    assert tied.flops_per_token(50) == pytest.approx(3 * (2 * linear + attention))
+    moe = GPT(tiny(n_experts=4, n_experts_per_tok=2))
+    dense_mlp = 3 * 32 * 48
+    assert moe.flops_per_token(50) - tied.flops_per_token(50) == pytest.approx(6 * 2 * (dense_mlp + 32 * 4))
+
+
+def test_hf_state_dict_names_round_trip():
+    cfg = tiny(n_kv_head=2, tie_embeddings=False)
+    sd = GPT(cfg).state_dict()
+    back = model.from_hf_llama_state_dict(model.to_hf_llama_state_dict(sd, cfg))
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    moe_cfg = tiny(n_experts=2)
+    with pytest.raises(Exception, match="Mixture"):
+        model.to_hf_llama_state_dict(GPT(moe_cfg).state_dict(), moe_cfg)

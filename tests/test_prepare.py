@@ -1,0 +1,475 @@
+"""prepare.py: the world's files and their layout, every accepted schema from local files (through the same
+datasets.load_dataset path as hub data sets), each kind of bad input, atomic writes, the loaders."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+import trainer
+import world
+from tokenizer import Tokenizer
+
+SMALL_WORLD = dict(n_people=20, n_sft=300, n_sft_val=40, n_pref=200, n_pref_val=40, n_prompts=100,
+                   n_prompts_val=48, val_pool_size=60)
+WORLD_FILES = {"tokenizer.json", "meta.json", "train.bin", "val.bin", "sft_train.npz", "sft_val.npz",
+               "pref_train.npz", "pref_val.npz", "prompts_train.npz", "prompts_val.npz", "prompts_train.jsonl",
+               "prompts_val.jsonl"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_world(monkeypatch):
+    monkeypatch.setattr(world, "generate_world", functools.partial(world.generate_world, **SMALL_WORLD))
+
+
+def prepare_world(monkeypatch, out, *args):
+    small_world(monkeypatch)
+    return prepare.main([f"--dataset={out}", "--world_mb=0.05", *args])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    out = str(tmp_path_factory.mktemp("world") / "w")
+    meta = prepare_world(mp, out)
+    mp.undo()
+    return out, meta, Tokenizer.load(os.path.join(out, "tokenizer.json"))
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------- the world's files
+
+def test_world_writes_every_documented_file_and_meta(prepared):
+    out, meta, tok = prepared
+    assert set(os.listdir(out)) == WORLD_FILES  # and no leftover .tmp
+    with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+        on_disk = json.load(f)
+    assert on_disk == meta
+    assert meta["vocab_size"] == tok.vocab_size and meta["dtype"] == "uint16" and meta["source"] == "world"
+    assert meta["kinds"] == ["pretrain", "sft", "pref", "prompts"]
+    for split in ("train", "val"):
+        assert meta[f"sft_{split}"] == SMALL_WORLD[f"n_sft{'_val' if split == 'val' else ''}"]
+        assert meta[f"{split}_tokens"] == os.path.getsize(os.path.join(out, f"{split}.bin")) // 2
+
+
+def test_pretraining_bins_are_documents_joined_by_eot(prepared, monkeypatch):
+    out, meta, tok = prepared
+    small_world(monkeypatch)
+    w = world.generate_world(seed=1337, corpus_mb=0.05)
+    for split in ("train", "val"):
+        data = np.memmap(os.path.join(out, f"{split}.bin"), dtype=np.uint16, mode="r")
+        assert len(data) == meta[f"{split}_tokens"] and data[-1] == tok.eot_id
+        cuts = np.flatnonzero(np.asarray(data) == tok.eot_id)
+        assert len(cuts) == len(w[f"corpus_{split}"])
+        starts = np.concatenate([[0], cuts[:-1] + 1])
+        for k in (0, 1, len(cuts) - 1):
+            assert tok.decode(data[starts[k]:cuts[k]]) == w[f"corpus_{split}"][k]
+
+
+def test_sft_arrays_are_render_chat_and_mask_covers_only_assistant_turns(prepared):
+    out, meta, tok = prepared
+    with np.load(os.path.join(out, "sft_train.npz"), allow_pickle=False) as z:
+        assert z["ids"].dtype == np.int32 and z["loss_mask"].dtype == np.uint8 and z["offsets"].dtype == np.int64
+        assert len(z["offsets"]) == meta["sft_train"] + 1 and len(z["ids"]) == len(z["loss_mask"]) == z["offsets"][-1]
+    ids, masks = prepare.load_ragged(os.path.join(out, "sft_train.npz"), "ids"), \
+        prepare.load_ragged(os.path.join(out, "sft_train.npz"), "loss_mask")
+    convs = world.generate_world(seed=1337, corpus_mb=0.05, **SMALL_WORLD)["sft_train"]
+    assert len(ids) == len(convs)
+    for seq, mask, conv in zip(ids, masks, convs):
+        want_ids, want_mask = tok.render_chat(conv["messages"])
+        assert seq.tolist() == want_ids and mask.tolist() == want_mask
+        # what the mask selects is exactly each assistant reply followed by its end-of-turn token
+        picked = [int(t) for t, m in zip(seq, mask) if m]
+        want = [t for msg in conv["messages"] if msg["role"] == "assistant"
+                for t in tok.encode(msg["content"]) + [tok.end_id]]
+        assert picked == want
+
+
+def test_pref_arrays(prepared):
+    out, meta, tok = prepared
+    pairs = world.generate_world(seed=1337, corpus_mb=0.05, **SMALL_WORLD)["pref_val"]
+    path = os.path.join(out, "pref_val.npz")
+    prompts, chosen, rejected = (prepare.load_ragged(path, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    assert len(prompts) == len(chosen) == len(rejected) == len(pairs) == meta["pref_val"]
+    for p, c, r, pair in zip(prompts, chosen, rejected, pairs):
+        assert p.tolist() == tok.render_prompt(pair["messages"]) and p[-1] == tok.assistant_id
+        assert c.tolist() == tok.encode(pair["chosen"]) + [tok.end_id]
+        assert r.tolist() == tok.encode(pair["rejected"]) + [tok.end_id]
+
+
+def test_prompt_files_and_load_prompts(prepared):
+    out, meta, tok = prepared
+    for split in ("train", "val"):
+        rows = read_jsonl(os.path.join(out, f"prompts_{split}.jsonl"))
+        assert len(rows) == meta[f"prompts_{split}"]
+        assert all(set(r) == {"messages", "answer", "task", "lang"} for r in rows)
+        assert all(r["task"] in world.TASKS and r["lang"] in world.LANGS and r["answer"] for r in rows)
+        loaded = prepare.load_prompts(out, split)
+        ids = prepare.load_ragged(os.path.join(out, f"prompts_{split}.npz"), "ids")
+        for row, item, seq in zip(rows, loaded, ids):
+            assert item["ids"] == seq.tolist() == tok.render_prompt(row["messages"])
+            assert item["answer"] == row["answer"] and item["messages"][-1]["role"] == "user"
+
+
+def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(prepared, monkeypatch, tmp_path):
+    out, _, _ = prepared
+    prepare_world(monkeypatch, str(tmp_path / "again"))
+    for name in sorted(WORLD_FILES):
+        with open(os.path.join(out, name), "rb") as a, open(tmp_path / "again" / name, "rb") as b:
+            assert a.read() == b.read(), name
+    prepare_world(monkeypatch, str(tmp_path / "other"), "--seed=1")
+    with open(os.path.join(out, "train.bin"), "rb") as a, open(tmp_path / "other" / "train.bin", "rb") as b:
+        assert a.read() != b.read()
+
+
+def test_world_tokenizer_never_merges_a_value_with_its_neighbours(prepared, monkeypatch):
+    # trained on the raw text, "<name>住在哪里" became one token and a held-out fact's question was unlearnable
+    out, _, tok = prepared
+    people = world.generate_world(seed=1337, corpus_mb=0.05, **SMALL_WORLD)["people"]
+
+    def boundaries(text):
+        ends, pos = set(), 0
+        for t in tok.encode(text):
+            pos += len(tok.decode([t]))
+            ends.add(pos)
+        assert pos == len(text)  # every token is whole characters
+        return ends
+
+    for p in people:
+        for attr in world.ATTRIBUTES:
+            question = world.FACT_QUESTIONS["zh"][attr][0].format(n=p["zh"])
+            assert len(p["zh"]) in boundaries(question), question
+            value = world.fact_value(p, attr, "zh")
+            reply = world.fact_reply(p, attr, "zh", value)
+            assert reply.index(value) in boundaries(reply) and len(p["zh"]) in boundaries(reply), reply
+    assert boundaries("四百八十九") == {1, 2, 3, 4, 5}  # numerals one by one: 489 is 四|百|八|十|九
+
+
+# ------------------------------------------------------------------------------------------- real data: schemas
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return str(path)
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+    return str(path)
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return str(path)
+
+
+def run(tmp_path, source, *args, name="out"):
+    out = str(tmp_path / name)
+    meta = prepare.main([f"--source={source}", f"--dataset={out}", "--vocab_size=300", "--val_fraction=0.25", *args])
+    return out, meta, Tokenizer.load(os.path.join(out, "tokenizer.json"))
+
+
+def both_splits(out, prefix, key):
+    return [tuple(x.tolist()) for split in ("train", "val")
+            for x in prepare.load_ragged(os.path.join(out, f"{prefix}_{split}.npz"), key)]
+
+
+DOCS = ["The cat sat on the mat.", "A dog ran in the park.", "小猫在睡觉。", "Birds sing in the morning.",
+        "Two plus two is four."]
+PRETRAIN_SOURCES = {
+    "jsonl": lambda d: write_jsonl(d / "p.jsonl", [{"text": t} for t in DOCS]),
+    "json": lambda d: write_json(d / "p.json", [{"text": t} for t in DOCS]),
+    "parquet": lambda d: write_parquet(d / "p.parquet", [{"text": t} for t in DOCS]),
+    "txt": lambda d: _write_txt(d / "p.txt", "\n\n".join(DOCS[:3]) + "\n<|endoftext|>\n" + "\n\n\n".join(DOCS[3:])),
+}
+
+
+def _write_txt(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", sorted(PRETRAIN_SOURCES))
+def test_pretraining_text_from_every_file_type(tmp_path, fmt):
+    out, meta, tok = run(tmp_path, PRETRAIN_SOURCES[fmt](tmp_path))
+    assert meta["kinds"] == ["pretrain"] and set(os.listdir(out)) == {"tokenizer.json", "meta.json", "train.bin",
+                                                                        "val.bin"}
+    docs = []
+    for split in ("train", "val"):
+        data = np.fromfile(os.path.join(out, f"{split}.bin"), dtype=np.uint16).tolist()
+        assert data[-1] == tok.eot_id
+        text = tok.decode(data, skip_special=False)
+        docs += text.split("<|endoftext|>")[:-1]
+    assert sorted(docs) == sorted(DOCS)  # every document once, whole, and the val split is not empty
+    assert meta["val_tokens"] > 0
+
+
+MESSAGES = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"},
+     {"role": "assistant", "content": "再见！"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+]
+SHAREGPT_ROLE = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def _user_reply(user, reply, system=None):
+    return ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+SFT_SOURCES = {  # name -> (write(dir), expected conversations)
+    "messages.jsonl": (lambda d: write_jsonl(d / "m.jsonl", [{"messages": m} for m in MESSAGES]), MESSAGES),
+    "sharegpt.json": (lambda d: write_json(d / "s.json", [{"conversations": [
+        {"from": SHAREGPT_ROLE[t["role"]], "value": t["content"]} for t in m]} for m in MESSAGES]), MESSAGES),
+    "alpaca.jsonl": (lambda d: write_jsonl(d / "a.jsonl", [
+        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "写一句诗", "output": "床前明月光"},
+        {"instruction": "Add.", "input": "1 2", "output": "3", "system": "Math."}]),
+        [_user_reply("Translate to French.\n\ncat", "chat"), _user_reply("Say hi.", "hi"),
+         _user_reply("写一句诗", "床前明月光"), _user_reply("Add.\n\n1 2", "3", "Math.")]),
+    "prompt_response.parquet": (lambda d: write_parquet(d / "pr.parquet", [
+        {"prompt": f"q{i}", "response": f"a{i}"} for i in range(4)]),
+        [_user_reply(f"q{i}", f"a{i}") for i in range(4)]),
+    "prompt_output_field.json": (lambda d: write_json(d / "po.json", {"version": 2, "data": [
+        {"prompt": f"问{i}", "output": f"答{i}"} for i in range(4)]}), [_user_reply(f"问{i}", f"答{i}") for i in range(4)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SFT_SOURCES))
+def test_every_sft_schema(tmp_path, name):
+    write, expected = SFT_SOURCES[name]
+    out, meta, tok = run(tmp_path, write(tmp_path))
+    assert meta["kinds"] == ["sft"] and meta["sft_train"] + meta["sft_val"] == len(expected)
+    assert meta["sft_val"] >= 1
+    got = sorted(zip(both_splits(out, "sft", "ids"), both_splits(out, "sft", "loss_mask")))
+    want = sorted((tuple(i), tuple(m)) for i, m in map(tok.render_chat, expected))
+    assert got == want
+
+
+HH = [
+    ("\n\nHuman: What is 2+2?\n\nAssistant: 4", "\n\nHuman: What is 2+2?\n\nAssistant: 5"),
+    ("\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Name a fruit\n\nAssistant: Apple",
+     "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Name a fruit\n\nAssistant: Go away"),
+    ("\n\nHuman: 你好\n\nAssistant: 你好！", "\n\nHuman: 你好\n\nAssistant: 走开"),
+    ("\n\nHuman: Capital of France?\n\nAssistant: Paris", "\n\nHuman: Capital of France?\n\nAssistant: Rome"),
+]
+HH_EXPECTED = [
+    ([{"role": "user", "content": "What is 2+2?"}], "4", "5"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+      {"role": "user", "content": "Name a fruit"}], "Apple", "Go away"),
+    ([{"role": "user", "content": "你好"}], "你好！", "走开"),
+    ([{"role": "user", "content": "Capital of France?"}], "Paris", "Rome"),
+]
+PLAIN_PAIRS = [(f"question {i}", f"good {i}", f"bad {i}") for i in range(4)]
+PREF_SOURCES = {
+    "prompt_chosen_rejected.jsonl": (lambda d: write_jsonl(d / "p.jsonl", [
+        {"prompt": p, "chosen": c, "rejected": r} for p, c, r in PLAIN_PAIRS]),
+        [([{"role": "user", "content": p}], c, r) for p, c, r in PLAIN_PAIRS]),
+    "selected.parquet": (lambda d: write_parquet(d / "z.parquet", [
+        {"prompt": p, "selected": c, "rejected": r} for p, c, r in PLAIN_PAIRS]),
+        [([{"role": "user", "content": p}], c, r) for p, c, r in PLAIN_PAIRS]),
+    "hh_dialogues.jsonl": (lambda d: write_jsonl(d / "hh.jsonl", [{"chosen": c, "rejected": r} for c, r in HH]),
+                           HH_EXPECTED),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREF_SOURCES))
+def test_every_preference_schema(tmp_path, name):
+    write, expected = PREF_SOURCES[name]
+    out, meta, tok = run(tmp_path, write(tmp_path))
+    assert meta["kinds"] == ["pref"] and meta["pref_train"] + meta["pref_val"] == len(expected)
+    got = sorted(zip(*(both_splits(out, "pref", k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+    want = sorted((tuple(tok.render_prompt(m)), tuple(tok.encode(c) + [tok.end_id]),
+                   tuple(tok.encode(r) + [tok.end_id])) for m, c, r in expected)
+    assert got == want
+
+
+def test_hh_dialogues_that_differ_before_the_last_turn_keep_only_the_differing_reply():
+    row = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+           "rejected": "\n\nHuman: a\n\nAssistant: x\n\nHuman: c\n\nAssistant: y"}
+    rec = prepare.to_pref(row, "t.jsonl, line 1")
+    assert rec == {"messages": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "x"}
+
+
+def test_a_dialogue_prompt_waiting_for_the_reply():
+    # hh-rlhf derivatives: prompt = "\n\nHuman: ...\n\nAssistant:", chosen/rejected = the replies alone
+    rec = prepare.to_pref({"prompt": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: name a fruit\n\nAssistant:",
+                           "chosen": " apple", "rejected": " no"}, "t.jsonl, line 1")
+    assert rec == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                {"role": "user", "content": "name a fruit"}], "chosen": "apple", "rejected": "no"}
+
+
+def test_prompt_sets_from_jsonl_messages_and_txt(tmp_path):
+    rows = [{"prompt": f"What is {i}+{i}?", "answer": str(2 * i), "task": "add"} for i in range(4)]
+    out, meta, tok = run(tmp_path, write_jsonl(tmp_path / "q.jsonl", rows))
+    assert meta["kinds"] == ["prompts"]
+    got = read_jsonl(os.path.join(out, "prompts_train.jsonl")) + read_jsonl(os.path.join(out, "prompts_val.jsonl"))
+    assert sorted((g["messages"][0]["content"], g["answer"], g["task"], g["lang"]) for g in got) == \
+        sorted((r["prompt"], r["answer"], "add", "en") for r in rows)
+    # messages that end with a user turn are prompts, not SFT; their language is guessed when not given
+    convs = [[{"role": "user", "content": "你好吗"}], [{"role": "user", "content": "How are you?"}]] * 2
+    out, meta, _ = run(tmp_path, write_jsonl(tmp_path / "m.jsonl", [{"messages": m} for m in convs]), name="m")
+    got = read_jsonl(os.path.join(out, "prompts_train.jsonl")) + read_jsonl(os.path.join(out, "prompts_val.jsonl"))
+    assert sorted((g["lang"], g["answer"]) for g in got) == [("en", None)] * 2 + [("zh", None)] * 2
+    # a .txt file with --kind=prompts: one prompt a line, blank lines skipped
+    txt = _write_txt(tmp_path / "q.txt", "first prompt\n\nsecond prompt\nthird\nfourth\n")
+    out, meta, _ = run(tmp_path, txt, "--kind=prompts", name="t")
+    assert meta["prompts_train"] + meta["prompts_val"] == 4
+
+
+def test_sft_and_preference_rows_as_prompts_drop_the_replies(tmp_path):
+    out, meta, _ = run(tmp_path, SFT_SOURCES["messages.jsonl"][0](tmp_path), "--kind=prompts")
+    got = read_jsonl(os.path.join(out, "prompts_train.jsonl")) + read_jsonl(os.path.join(out, "prompts_val.jsonl"))
+    assert sorted(json.dumps(g["messages"]) for g in got) == sorted(json.dumps(m[:-1]) for m in MESSAGES)
+    out, meta, _ = run(tmp_path, PREF_SOURCES["hh_dialogues.jsonl"][0](tmp_path), "--kind=prompts", name="hh")
+    got = read_jsonl(os.path.join(out, "prompts_train.jsonl")) + read_jsonl(os.path.join(out, "prompts_val.jsonl"))
+    assert sorted(json.dumps(g["messages"]) for g in got) == sorted(json.dumps(m) for m, _, _ in HH_EXPECTED)
+
+
+def test_max_rows_limits_what_is_read(tmp_path):
+    src = write_jsonl(tmp_path / "many.jsonl", [{"text": f"document number {i}"} for i in range(40)])
+    out, meta, _ = run(tmp_path, src, "--max_rows=8")
+    assert meta["train_tokens"] + meta["val_tokens"] < 8 * 12
+
+
+def test_given_tokenizer_is_reused_and_kinds_accumulate(prepared, tmp_path):
+    # a data folder holds one tokenization: adding SFT data to a pretraining folder reuses its tokenizer
+    src = PRETRAIN_SOURCES["jsonl"](tmp_path)
+    out, _, tok = run(tmp_path, src, name="both")
+    sft = SFT_SOURCES["messages.jsonl"][0](tmp_path)
+    with pytest.raises(trainer.UserError, match="another tokenizer.*--tokenizer="):
+        run(tmp_path, sft, "--vocab_size=280", name="both")
+    _, meta, tok2 = run(tmp_path, sft, f"--tokenizer={out}", name="both")
+    assert tok2.to_json() == tok.to_json() and meta["kinds"] == ["pretrain", "sft"]
+    assert set(os.listdir(out)) == {"tokenizer.json", "meta.json", "train.bin", "val.bin", "sft_train.npz",
+                                    "sft_val.npz"}
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def _bad_bytes(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+BAD_INPUTS = [  # (file name, bytes, extra args, the error must match)
+    ("broken.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c\n', (), r"broken\.jsonl, line 3: malformed JSON"),
+    ("broken.json", b'[{"text": "a"},\n {"text": "b",\n]', (), r"broken\.json, line 3: malformed JSON"),
+    ("notobj.jsonl", b'{"text": "a"}\n["text"]\n', (), r"notobj\.jsonl, line 2: expected a JSON object"),
+    ("missing.jsonl", b'{"prompt": "p", "response": "r"}\n\n{"prompt": "q"}\n', (),
+     r"missing\.jsonl, line 3: expected SFT fields .*'prompt'\+'response'.*the row has \['prompt'\]"),
+    ("unknown.jsonl", b'{"title": "x", "body": "y"}\n', (), r"unknown\.jsonl, line 1: cannot tell the kind.*--kind="),
+    ("wrongkind.jsonl", b'{"prompt": "p", "response": "r"}\n', ("--kind=pref",),
+     r"wrongkind\.jsonl, line 1: expected preference fields"),
+    ("badrole.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n', (),
+     r"badrole\.jsonl, line 1: messages\[1\]: unknown role 'robot'"),
+    ("notstr.jsonl", b'{"text": "a"}\n{"text": 5}\n', (), r"notstr\.jsonl, line 2: field 'text' must be a string"),
+    ("empty.jsonl", b"", (), r"empty\.jsonl: empty file"),
+    ("blank.txt", b"  \n\n", (), r"blank\.txt: empty file"),
+    ("empty.json", b"[]", (), r"empty\.json: expected a non-empty JSON list"),
+    ("latin1.txt", "caf\u00e9\n".encode("utf-8") + "na\u00efve\n".encode("latin-1"), (),
+     r"latin1\.txt, line 2: not UTF-8"),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', (), r"latin1\.jsonl, line 2: not UTF-8"),
+    ("data.csv", b"text\nhello\n", (), r"unsupported file type \.csv"),
+    ("hh_bad.jsonl", b'{"chosen": "yes", "rejected": "no"}\n', (), r"hh_bad\.jsonl, line 1: .*share no dialogue"),
+    ("sft.txt", b"hello\n", ("--kind=sft",), r"a \.txt file is pretraining text or prompts"),
+    ("kind.jsonl", b'{"text": "a"}\n', ("--kind=chat",), r"--kind=chat: expected one of"),
+]
+
+
+@pytest.mark.parametrize("name,data,args,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_one_line_error_naming_file_and_line(tmp_path, name, data, args, match):
+    src = _bad_bytes(tmp_path, name, data)
+    with pytest.raises(trainer.UserError, match=match) as e:
+        prepare.main([f"--source={src}", f"--dataset={tmp_path / 'out'}", *args])
+    assert "\n" not in str(e.value)
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")] if (tmp_path / "out").exists() else True
+
+
+def test_empty_parquet_and_missing_file(tmp_path):
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "e.parquet"))
+    with pytest.raises(trainer.UserError, match=r"e\.parquet: empty file"):
+        prepare.main([f"--source={tmp_path / 'e.parquet'}", f"--dataset={tmp_path / 'out'}"])
+    with pytest.raises(trainer.UserError, match=r"nope\.jsonl: no such file"):
+        prepare.main([f"--source={tmp_path / 'nope.jsonl'}", f"--dataset={tmp_path / 'out'}"])
+
+
+def test_cli_prints_one_error_line_and_writes_nothing(tmp_path):
+    # the whole command: exit status 2, `error: FILE, line N: ...` on stderr, no traceback, existing files intact
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"old")
+    src = _bad_bytes(tmp_path, "bad.jsonl", b'{"text": "a"}\n{oops}\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "prepare.py", f"--source={src}", f"--dataset={out}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "bad.jsonl, line 2: malformed JSON" in r.stderr
+    assert sorted(os.listdir(out)) == ["train.bin"] and (out / "train.bin").read_bytes() == b"old"
+    # a hub name that cannot be reached (offline here) is the same kind of one-line error
+    r = subprocess.run([sys.executable, "prepare.py", "--source=nobody/no-such-dataset", f"--dataset={out}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot load it from the Hugging Face hub" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------- atomic writes, loaders
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = str(tmp_path / "f.bin")
+    prepare.write_atomic(path, lambda f: f.write(b"old"))
+
+    def crash(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare.write_atomic(path, crash)
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_npz_files_carry_no_timestamp(tmp_path, monkeypatch):
+    # np.savez stamps each member with the time of writing: two runs a few seconds apart would differ in bytes
+    import time
+    arrays = dict(ids=np.arange(7, dtype=np.int32), offsets=np.array([0, 7], dtype=np.int64))
+    monkeypatch.setattr(time, "time", lambda: 1.0e9)
+    prepare.save_npz(str(tmp_path / "a.npz"), **arrays)
+    monkeypatch.setattr(time, "time", lambda: 1.7e9)
+    prepare.save_npz(str(tmp_path / "b.npz"), **arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        assert z["ids"].tolist() == list(range(7))
+
+
+def test_load_ragged_rejects_missing_keys_and_bad_offsets(tmp_path):
+    path = str(tmp_path / "x.npz")
+    prepare.save_npz(path, ids=np.arange(5, dtype=np.int32), offsets=np.array([0, 2, 5], dtype=np.int64))
+    assert [a.tolist() for a in prepare.load_ragged(path, "ids")] == [[0, 1], [2, 3, 4]]
+    with pytest.raises(trainer.UserError, match="no arrays 'chosen_ids'/'chosen_offsets'"):
+        prepare.load_ragged(path, "chosen_ids")
+    prepare.save_npz(path, ids=np.arange(5, dtype=np.int32), offsets=np.array([0, 3, 2, 5], dtype=np.int64))
+    with pytest.raises(trainer.UserError, match="does not index"):
+        prepare.load_ragged(path, "ids")
+    with pytest.raises(trainer.UserError, match="not found"):
+        prepare.load_ragged(str(tmp_path / "none.npz"), "ids")
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert prepare.token_dtype(6400) == np.uint16 and prepare.token_dtype(65535) == np.uint16
+    assert prepare.token_dtype(65536) == np.uint32 and prepare.token_dtype(151_000) == np.uint32

@@ -1,0 +1,322 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import quantize as Q
+import trainer
+from model import GPT, ModelConfig
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The NF4 table as printed in the QLoRA paper (appendix E) and shipped by bitsandbytes.
+PUBLISHED_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+]
+
+
+def naive_nf4(w, block_size):
+    """Reference blockwise NF4, one block and one value at a time: nearest code by brute force."""
+    flat = w.detach().float().reshape(-1).tolist()
+    flat += [0.0] * ((-len(flat)) % block_size)
+    codes, absmaxes = [], []
+    for b in range(0, len(flat), block_size):
+        block = flat[b:b + block_size]
+        a = max(abs(v) for v in block)
+        absmaxes.append(a)
+        for v in block:
+            x = torch.tensor(v / a if a > 0 else 0.0).item()
+            codes.append(min(range(16), key=lambda k: (abs(x - PUBLISHED_NF4[k]), -k)))
+    return torch.tensor(codes, dtype=torch.uint8), torch.tensor(absmaxes)
+
+
+def test_nf4_code_is_the_published_table():
+    # guards against a typo in the table: every weight would dequantize to a slightly wrong value
+    assert Q.NF4_CODE.tolist() == torch.tensor(PUBLISHED_NF4).tolist()
+    # and against a table that is not the NormalFloat construction (quantiles of N(0,1), exact zero, asymmetric)
+    assert torch.allclose(Q.nf4_code_from_quantiles(), Q.NF4_CODE, atol=1e-6, rtol=0)
+    assert (Q.NF4_CODE == 0).sum() == 1 and (Q.NF4_CODE[1:] > Q.NF4_CODE[:-1]).all()
+
+
+def test_nf4_roundtrip_is_exact_for_code_points_times_absmax():
+    # a value that is already representable must come back bit for bit (no off-by-one code, no scale drift)
+    g = torch.Generator().manual_seed(0)
+    bs, n_blocks = 64, 40
+    absmax = torch.rand(n_blocks, generator=g) * 3 + 0.01
+    codes = torch.randint(0, 16, (n_blocks, bs), generator=g, dtype=torch.uint8)
+    codes[:, 5] = torch.where(torch.rand(n_blocks, generator=g) < 0.5, 0, 15).to(torch.uint8)  # block max is +-absmax
+    w = Q.NF4_CODE[codes.long()] * absmax[:, None]
+    packed, am = Q.quantize_nf4(w, bs)
+    assert torch.equal(am, absmax)
+    assert torch.equal(Q.unpack_4bit(packed), codes.view(-1))
+    assert torch.equal(Q.dequantize_nf4(packed, am, w.numel(), bs), w.view(-1))
+
+
+def test_nf4_encode_nearest_code_ties_go_up_and_out_of_range_clamps():
+    code, mid = Q.NF4_CODE, Q.NF4_MIDPOINTS
+    # every code point maps to itself
+    assert torch.equal(Q.nf4_encode(code), torch.arange(16, dtype=torch.uint8))
+    # exactly on a boundary -> upper code; one float step below -> lower code
+    assert torch.equal(Q.nf4_encode(mid), torch.arange(1, 16, dtype=torch.uint8))
+    below = torch.nextafter(mid, torch.full_like(mid, -2.0))
+    assert torch.equal(Q.nf4_encode(below), torch.arange(0, 15, dtype=torch.uint8))
+    # beyond [-1, 1] (never produced by absmax scaling, but by rounding or a caller's scale): clamp to the ends
+    assert Q.nf4_encode(torch.tensor([1.5, 1e30, -1.0001, -7.0])).tolist() == [15, 15, 0, 0]
+    # random values: same as brute-force nearest code
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    brute = (x[:, None] - code[None, :]).abs().argmin(dim=1)
+    assert torch.equal(Q.nf4_encode(x).long(), brute)
+
+
+def test_pack_unpack_roundtrip_and_nibble_order():
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(Q.pack_4bit(Q.unpack_4bit(every_byte)), every_byte)
+    codes = torch.randint(0, 16, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(Q.unpack_4bit(Q.pack_4bit(codes)), codes)
+    # first value in the high nibble: the layout the dequantization table assumes
+    assert Q.pack_4bit(torch.tensor([1, 2, 15, 0], dtype=torch.uint8)).tolist() == [0x12, 0xF0]
+
+
+def test_quantize_nf4_matches_naive_blockwise_reference_for_ragged_shape():
+    # 37 x 100 = 3700 weights is not a multiple of 64: the last block is zero-padded and blocks straddle rows
+    w = torch.randn(37, 100, generator=torch.Generator().manual_seed(3)) * 0.05
+    packed, absmax = Q.quantize_nf4(w, 64)
+    ref_codes, ref_absmax = naive_nf4(w, 64)
+    assert packed.numel() == 58 * 32 and absmax.numel() == 58
+    assert torch.equal(absmax, ref_absmax)
+    assert torch.equal(Q.unpack_4bit(packed), ref_codes)
+    deq = Q.dequantize_nf4(packed, absmax, w.numel(), 64).view(37, 100)
+    # each weight is within half of the widest code gap (times its block's absmax) of the original
+    blk_absmax = ref_absmax.repeat_interleave(64)[:3700].view(37, 100)
+    max_gap = (Q.NF4_CODE[1:] - Q.NF4_CODE[:-1]).max()
+    assert ((deq - w).abs() <= blk_absmax * max_gap / 2 + 1e-7).all()
+
+
+def test_all_zero_weight_quantizes_to_zero_without_nan():
+    lin = nn.Linear(64, 3, bias=False)
+    nn.init.zeros_(lin.weight)
+    m = Q.Linear4bit.from_linear(lin)
+    assert torch.equal(m.dequantize(), torch.zeros(3, 64))
+    q8, s8 = Q.quantize_int8(torch.zeros(2, 5))
+    assert torch.equal(q8, torch.zeros(2, 5, dtype=torch.int8)) and not torch.isnan(s8).any()
+
+
+def test_double_quant_absmax_error_within_half_an_8bit_step():
+    g = torch.Generator().manual_seed(4)
+    absmax = torch.exp(torch.randn(1000, generator=g)) * 0.02  # 1000 blocks: 4 groups of 256, the last one partial
+    q, step, mean = Q.quantize_absmax(absmax, 256)
+    assert q.dtype == torch.int8 and q.shape == (1000,) and step.shape == (4,)
+    deq = Q.dequantize_absmax(q, step, mean, 256)
+    err = (deq - absmax).abs()
+    assert (err <= step.repeat_interleave(256)[:1000] / 2 * (1 + 1e-5) + 1e-9).all()
+    assert torch.allclose(mean, absmax.mean())
+    # the mean is subtracted first: the int8 values use both signs
+    assert (q < 0).any() and (q > 0).any()
+
+
+def test_bits_per_weight_nf4_double_quant_is_about_4_127():
+    lin = nn.Linear(512, 512, bias=False)
+    dq = Q.Linear4bit.from_linear(lin, double_quant=True)
+    plain = Q.Linear4bit.from_linear(lin, double_quant=False)
+    # 4 bits + 8/64 (int8 absmax) + 32/(64*256) (second-level step) + the mean
+    assert abs(Q.bits_per_weight(nn.Sequential(dq)) - (4 + 8 / 64 + 32 / (64 * 256) + 32 / 512 ** 2)) < 1e-9
+    assert abs(Q.bits_per_weight(nn.Sequential(dq)) - 4.127) < 0.001
+    assert Q.bits_per_weight(nn.Sequential(plain)) == 4.5
+    assert abs(Q.bits_per_weight(nn.Sequential(Q.Linear8bit.from_linear(lin))) - (8 + 32 / 512)) < 1e-9
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_linear4bit_forward_equals_dequantized_matmul_also_in_chunks(double_quant):
+    torch.manual_seed(5)
+    lin = nn.Linear(100, 37)  # ragged: blocks straddle rows, which the row chunking must handle
+    m = Q.Linear4bit.from_linear(lin, double_quant=double_quant)
+    x = torch.randn(2, 3, 100)
+    w = m.dequantize()
+    ref = x @ w.T + lin.bias.detach()
+    assert torch.allclose(m(x), ref, atol=1e-5)
+    full = m(x)
+    m.chunk_elems = 250  # 2 rows per chunk: 19 chunks, the last one a single row
+    assert len(m.row_chunks()) == 19
+    assert torch.allclose(m(x), full, atol=1e-5)
+    # row-range dequantization agrees with slicing the whole weight
+    assert torch.equal(m.dequantize(torch.float32, 5, 9), w[5:9])
+    # the quantization itself is close to the float weight (NF4 on uniform init: ~10% relative error)
+    assert (w - lin.weight).norm() / lin.weight.norm() < 0.15
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 24, 30])
+def test_linear4bit_input_gradient_is_correct(chunk_elems):
+    # QLoRA depends on this: adapters below a frozen 4-bit layer only learn through the input gradient
+    torch.manual_seed(6)
+    m = Q.Linear4bit.from_linear(nn.Linear(12, 10))
+    m.chunk_elems = chunk_elems
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
+    x32 = torch.randn(2, 5, 12, requires_grad=True)
+    g = torch.randn(2, 5, 10)
+    m(x32).backward(g)
+    assert torch.allclose(x32.grad, g @ m.dequantize(), atol=1e-5)
+    assert all(not b.requires_grad for b in m.buffers())
+
+
+def test_linear4bit_under_autocast_keeps_input_dtype_for_the_gradient():
+    m = Q.Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert torch.allclose(x.grad, m.dequantize().sum(0).expand(4, 64), atol=0.05, rtol=0.02)
+
+
+def test_linear4bit_state_dict_holds_packed_data_and_reloads():
+    lin = nn.Linear(64, 48)
+    m = Q.Linear4bit.from_linear(lin)
+    sd = m.state_dict()
+    assert set(sd) == {"weight_packed", "absmax_q", "absmax_step", "absmax_mean", "bias"}
+    assert sd["weight_packed"].dtype == torch.uint8 and sd["weight_packed"].numel() == 64 * 48 // 2
+    shell = Q.Linear4bit(64, 48, bias=True)
+    shell.load_state_dict(sd)
+    x = torch.randn(5, 64)
+    assert torch.equal(shell(x), m(x))
+
+
+def test_int8_per_channel_error_within_half_step_and_forward():
+    torch.manual_seed(7)
+    lin = nn.Linear(40, 24)
+    with torch.no_grad():
+        lin.weight[3] *= 100  # an outlier row must not coarsen the other rows' scales
+    m = Q.Linear8bit.from_linear(lin)
+    assert m.weight.dtype == torch.int8
+    err = (m.dequantize() - lin.weight).abs()
+    assert (err <= m.scale[:, None] / 2 * (1 + 1e-5)).all()
+    assert m.scale[3] > 50 * m.scale[4]
+    x = torch.randn(6, 40, requires_grad=True)
+    assert torch.allclose(m(x), x @ m.dequantize().T + lin.bias, atol=1e-5)
+    m(x).sum().backward()
+    assert torch.allclose(x.grad, m.dequantize().sum(0).expand(6, 40), atol=1e-5)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(50, 32)
+        self.attn = nn.ModuleDict(dict(q=nn.Linear(32, 32, bias=False), o=nn.Linear(32, 32, bias=False)))
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.lm_head = nn.Linear(32, 50, bias=False)
+
+    def forward(self, idx):
+        h = self.wte(idx)
+        h = h + self.attn["o"](self.attn["q"](h))
+        return self.lm_head(h + self.mlp(h))
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantize_model_replaces_linears_not_embeddings_or_head(mode):
+    torch.manual_seed(8)
+    model = Tiny()
+    idx = torch.randint(0, 50, (2, 7))
+    ref = model(idx)
+    info = Q.quantize_model(model, mode=mode)
+    cls = Q.Linear4bit if mode == "nf4" else Q.Linear8bit
+    assert info["mode"] == mode and info["modules"] == ["attn.q", "attn.o", "mlp.0", "mlp.2"]
+    assert all(isinstance(model.get_submodule(n), cls) for n in info["modules"])
+    assert type(model.lm_head) is nn.Linear and type(model.wte) is nn.Embedding
+    out = model(idx)
+    assert torch.allclose(out, ref, atol=0.1 if mode == "nf4" else 0.01)
+    with_head = Tiny()
+    Q.quantize_model(with_head, mode=mode, skip=())  # the head only on request
+    assert isinstance(with_head.lm_head, cls)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints, CLI
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    """A tiny SFT-stage checkpoint whose data set folder has a val.bin."""
+    tmp = tmp_path_factory.mktemp("quant")
+    words = "the river city number apple capital answer question small big one two three".split()
+    g = np.random.default_rng(0)
+    texts = [" ".join(g.choice(words, 10)) for _ in range(200)]
+    tok = Tokenizer.train(texts, vocab_size=300)
+    data = tmp / "data"
+    data.mkdir()
+    np.array([i for t in texts for i in tok.encode(t)], dtype=np.uint16).tofile(data / "val.bin")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "dtype": "uint16"}))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    model = GPT(cfg)
+    path = str(tmp / "sft" / "ckpt.pt")
+    trainer.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict(),
+                                   "tokenizer": tok.to_json(), "stage": "sft",
+                                   "train_config": {"dataset": str(data)}, "metrics": {"val_loss": 1.0}})
+    return path, model
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_cli_writes_quantized_checkpoint_that_loads_and_chats(sft_ckpt, mode, tmp_path):
+    path, model = sft_ckpt
+    out = str(tmp_path / f"q_{mode}.pt")
+    r = run("quantize.py", f"--ckpt={path}", f"--mode={mode}", f"--out={out}", "--eval_iters=2",
+            "--eval_batch_size=2", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "val loss on" in r.stdout and "model weights:" in r.stdout
+    assert abs(summary["val_loss_after"] - summary["val_loss_before"]) < 0.05
+    assert summary["weights_bytes_after"] < summary["weights_bytes_before"]
+    ckpt = trainer.load_checkpoint(out, stages=trainer.POLICY_STAGES)  # weights_only load
+    q = ckpt["quantization"]
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert q["mode"] == mode and ckpt["stage"] == "sft" and q["modules"] == [n for n in linears if n != "lm_head"]
+    if mode == "nf4":
+        assert q["block_size"] == 64 and q["double_quant"] is True
+        assert ckpt["model"][q["modules"][0] + ".weight_packed"].dtype == torch.uint8
+    # rebuilt through the plumbing module, it computes what quantizing in memory computes
+    loaded, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    expected = copy.deepcopy(model)
+    quantize_info = Q.quantize_model(expected, mode)
+    assert quantize_info["modules"] == q["modules"]
+    idx = torch.randint(0, model.config.vocab_size, (2, 10))
+    assert torch.allclose(loaded(idx)[0], expected.eval()(idx)[0], atol=1e-5)
+    # and generate.py can answer with it
+    r = run("generate.py", f"--ckpt={out}", "--prompt=the river", "--max_new_tokens=4", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_bad_input_gives_one_line_error(sft_ckpt, tmp_path):
+    path, model = sft_ckpt
+    r = run("quantize.py", f"--ckpt={path}", "--mode=int4")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "nf4 or int8" in r.stderr
+    # the head is tied to the embedding in this model: quantizing it would untie them
+    r = run("quantize.py", f"--ckpt={path}", "--quantize_head=True", f"--out={tmp_path / 'x.pt'}", "--eval_iters=0")
+    assert r.returncode == 2 and "lm_head" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_load_quantized_model_rejects_inconsistent_entries(sft_ckpt):
+    path, model = sft_ckpt
+    src = torch.load(path, weights_only=True)
+    m = copy.deepcopy(model)
+    info = Q.quantize_model(m, "nf4")
+    good = dict(src, model=m.state_dict(), quantization=info)
+    assert isinstance(Q.load_quantized_model(good, "cpu").layers[0].attn.o_proj, Q.Linear4bit)
+    with pytest.raises(trainer.UserError, match="quantization"):
+        Q.load_quantized_model(dict(good, quantization={"mode": "nf3", "modules": []}), "cpu")
+    with pytest.raises(trainer.UserError, match="not a linear layer"):
+        Q.load_quantized_model(dict(good, quantization=dict(info, modules=["layers.0.attn_norm"])), "cpu")
+    with pytest.raises(trainer.UserError, match="do not fit"):  # float weights under an nf4 entry
+        Q.load_quantized_model(dict(good, model=src["model"]), "cpu")

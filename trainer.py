@@ -1,0 +1,891 @@
+"""
+The plumbing every stage imports: config overrides, device and precision, DDP, optimizer and LR schedule, the
+training loop, evaluation scheduling, atomic checkpoints with exact resume, logging, progress bar, loss plot.
+
+A stage script stays "config constants, data, loss, call the loop":
+
+    import trainer
+    # ---- config: every lowercase int/float/bool/str/tuple constant is a setting (--key=value, config/PRESET.py)
+    out_dir = 'checkpoints/sft'; max_iters = 500; batch_size = 16; grad_accum = 1; ...
+    # ----
+    def main():
+        cfg = trainer.configure(globals())                    # config/PRESET.py files, then --key=value
+        rt = trainer.setup(device, dtype, seed, compile)      # device, autocast, grad scaler, DDP
+        model = ...                                           # an nn.Module on rt.device
+        def get_batch(split, k): ...                          # k-th micro-batch of 'train' or 'val'
+                                                              # (shuffled_batch / ordered_batch pick the items)
+        def loss_fn(model, batch): ...                        # -> (loss, {"pref_accuracy": ..., ...})
+        metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage='sft',
+                                checkpoint_entries=lambda: trainer.model_entries(model, tokenizer))
+        print(json.dumps(metrics))
+    if __name__ == '__main__':
+        trainer.cli(main)
+
+A stage with its own outer loop (PPO) uses the pieces directly: make_optimizer, lr_at, MetricsLog, GracefulStop,
+rng_state/set_rng_state, save_checkpoint, check_finite.
+"""
+import ast
+import atexit
+import functools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+STAGES = ("pretrain", "sft", "dpo", "reward", "ppo")
+POLICY_STAGES = ("pretrain", "sft", "dpo", "ppo")  # checkpoints with a language-model head to generate with
+
+
+class UserError(Exception):
+    """Bad input or config. cli() prints it as one line, `error: ...`, and exits with status 2."""
+
+
+def cli(main):
+    """Run a stage's main(): a UserError becomes `error: <message>` on stderr and exit status 2, without a
+    traceback; Ctrl-C outside the training loop (which saves and exits on its own) becomes exit status 130."""
+    try:
+        main()
+    except UserError as e:
+        msg = " ".join(str(e).split("\n"))  # exactly one line, whatever the message
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+CONFIG_TYPES = (bool, int, float, str, tuple)
+
+
+def config_keys(globals_dict):
+    """A stage's settings: its lowercase module constants of a plain type. ALL_CAPS names are fixed constants,
+    _private names are not settings."""
+    return [k for k, v in globals_dict.items()
+            if not k.startswith("_") and not k.isupper() and type(v) in CONFIG_TYPES]
+
+
+def _coerce(key, value, default, where):
+    want = type(default)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif want is float:  # an int is fine where a float is expected (--learning_rate=1)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    elif want is tuple:
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+    kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple"}[want]
+    raise UserError(f"{where}: {key} must be {kind} like its default {default!r}, got {value!r}")
+
+
+def _parse_value(text, default):
+    # Python literals (3, 1e-3, True, (0.9, 0.95), 'quoted'); anything else is a plain string, so that
+    # --dataset=data/mine and --init_from=scratch need no quotes. A str setting keeps the text as typed
+    # (--prompt=123 is the string '123').
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    if isinstance(default, str) and not isinstance(value, str):
+        return text
+    return value
+
+
+def _read_preset(path):
+    if not os.path.isfile(path):
+        alt = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", path)
+        alt = alt if os.path.isfile(alt) else alt + ".py"
+        if not os.path.isfile(alt):
+            raise UserError(f"{path}: no such config file (arguments are config/PRESET.py files or --key=value)")
+        path = alt
+    try:
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        ns = {}
+        exec(compile(src, path, "exec"), ns)
+    except SyntaxError as e:
+        raise UserError(f"{path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # a preset is plain assignments; anything else going wrong is the file's fault
+        raise UserError(f"{path}: {type(e).__name__}: {e}") from None
+    values = {k: v for k, v in ns.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    return path, values
+
+
+def configure(globals_dict, argv=None):
+    """Apply `config/PRESET.py` files and `--key=value` overrides (in the order given; later wins) to a stage's
+    settings, in place in `globals_dict`, and return the settings as a dict.
+
+    Settings are the stage's lowercase module constants of type bool/int/float/str/tuple. Values are Python
+    literals (ast.literal_eval); text that is not a literal is a string. Each value is checked against the
+    default's type: an int is accepted for a float, True/False (or true/false) for a bool, `--flag` alone means
+    True for a bool. An unknown key, a wrong type or a missing file is a UserError naming it. `--help` prints the
+    script's docstring and its settings and exits."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script = os.path.basename(globals_dict.get("__file__") or "this script")
+    keys = config_keys(globals_dict)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            lines = [(globals_dict.get("__doc__") or "").strip(), "", "settings (--key=value):"]
+            lines += [f"  --{k}={globals_dict[k]!r}" for k in keys]
+            try:
+                print("\n".join(lines))
+            except BrokenPipeError:  # `--help | head`
+                pass
+            sys.exit(0)
+        if not arg.startswith("--"):
+            path, values = _read_preset(arg)
+            for k, v in values.items():
+                if k not in keys:
+                    raise UserError(f"{path}: unknown key {k!r}: {script} has no setting {k!r}")
+                globals_dict[k] = _coerce(k, v, globals_dict[k], path)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if key not in keys:
+            raise UserError(f"unknown key --{key}: {script} has no setting {key!r} (--help lists them)")
+        default = globals_dict[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
+            text = "True"
+        globals_dict[key] = _coerce(key, _parse_value(text, default), default, f"--{key}")
+    return {k: globals_dict[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# device, precision, DDP
+
+@dataclass
+class Runtime:
+    """Where and how this process computes. `autocast` is a reusable context manager (a no-op in fp32);
+    `scaler` a GradScaler that is enabled only for fp16. Under torchrun: ddp=True, rank/local_rank/world_size
+    set, and only the master process (rank 0) writes files and prints."""
+    device: str
+    device_type: str       # 'cuda' | 'mps' | 'cpu'
+    dtype: torch.dtype     # autocast dtype; float32 = no autocast
+    autocast: object
+    scaler: torch.amp.GradScaler
+    compile: bool
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master: bool = True
+
+    def to_device(self, t):
+        """Copy a CPU tensor to the device; on CUDA through pinned memory, asynchronously."""
+        if self.device_type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+
+def _flag(value, name):
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise UserError(f"--{name} must be auto, True or False, got {value!r}")
+
+
+def setup(device="auto", dtype="auto", seed=1337, compile="auto"):
+    """Pick the device (device='auto': CUDA, then MPS, then CPU; or 'cuda', 'cuda:1', 'mps', 'cpu'), the precision
+    (dtype='auto': bf16 autocast on CUDA where supported, else fp16 with a grad scaler; fp32 on MPS and CPU; or
+    'float32' | 'bfloat16' | 'float16'), torch.compile (compile='auto': on CUDA only), start DDP when run under
+    torchrun (NCCL on CUDA, gloo on CPU), and seed torch, numpy and random. Every process gets the same seed:
+    the model starts identical everywhere and the trainer gives each process its own batches."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device must be auto, cuda, cuda:N, mps or cpu, got {device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA GPU is available (this torch build or machine has none)")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but MPS is not available (needs Apple silicon and a recent macOS)")
+    if ddp and device_type == "mps":
+        raise UserError("torchrun (DDP) runs on CUDA or CPU, not MPS")
+    if ddp and device_type == "cuda":
+        device = f"cuda:{local_rank}"  # one GPU per process
+    if device_type == "cuda":
+        if ":" in device:  # plain 'cuda' is the current device; set_device needs an index
+            torch.cuda.set_device(device)
+        # TF32 matmuls: ~free accuracy-wise for training, several times faster fp32 matmuls on Ampere+
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:  # CPU: autocast is slower than fp32 for these sizes; MPS: fp32 is the dependable default
+            dtype = "float32"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    ptdtype = dtypes[dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    # fp16 has a narrow exponent: scale the loss so small gradients do not flush to zero. bf16 needs none.
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+
+    compile = _flag(compile, "compile")
+    if compile == "auto":
+        compile = device_type == "cuda"
+
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return Runtime(device=device, device_type=device_type, dtype=ptdtype, autocast=autocast, scaler=scaler,
+                   compile=compile, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
+                   master=rank == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data sets
+
+def dataset_dir(name):
+    """--dataset=NAME is data/NAME; a value containing a path separator is a path as given."""
+    return name if ("/" in name or os.sep in name) else os.path.join("data", name)
+
+
+def data_file(dataset, filename):
+    """Path of a prepared data file, or a UserError saying how to make it."""
+    path = os.path.join(dataset_dir(dataset), filename)
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: prepare the data first (python prepare.py"
+                        f"{'' if dataset == 'world' else ' --dataset=' + dataset + ' ...'}) or pass --dataset=")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n_items, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n_items)
+
+
+def shuffled_batch(n_items, batch_size, k, seed):
+    """Item indices of training micro-batch k over a finite data set (SFT conversations, preference pairs):
+    epoch after epoch, each a fresh shuffle seeded with (seed, epoch), every item once per epoch. A pure function
+    of k, as train() needs for exact resume and DDP."""
+    positions = np.arange(k * batch_size, (k + 1) * batch_size)
+    epochs, within = np.divmod(positions, n_items)
+    return np.array([_permutation(n_items, seed, int(e))[i] for e, i in zip(epochs, within)])
+
+
+def ordered_batch(n_items, batch_size, k):
+    """Item indices of validation micro-batch k, in order; None once the set is used up (as train() expects)."""
+    if k * batch_size >= n_items:
+        return None
+    return np.arange(k * batch_size, min((k + 1) * batch_size, n_items))
+
+
+def load_tokenizer(dataset):
+    """The Tokenizer that prepare.py saved for a data set."""
+    from tokenizer import Tokenizer
+    path = data_file(dataset, "tokenizer.json")
+    try:
+        return Tokenizer.load(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot load the tokenizer: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, obj):
+    """torch.save, atomically: write a temp file in the same folder, fsync it, then rename over `path`. A crash
+    or Ctrl-C at any point leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX; a no-op where folders cannot be opened)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+_STAGE_NAMES = {"pretrain": "a pretraining", "sft": "an SFT", "dpo": "a DPO", "reward": "a reward model",
+                "ppo": "a PPO"}
+
+
+def load_checkpoint(path, stages=None):
+    """Load one of our checkpoints (a stage's folder means its ckpt.pt) with weights_only=True onto the CPU.
+    `stages`: the stages it may come from; anything else is a one-line UserError naming the file: missing,
+    unreadable, not one of ours, or the wrong kind ("a reward model checkpoint cannot be used as a policy")."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        hint = f" (run the {'/'.join(stages)} stage first, or pass the right path)" if stages else ""
+        raise UserError(f"{path}: no such checkpoint{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and unpickler-allowlist errors all mean "not a checkpoint we can read"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    needed = ("stage", "model_config", "model", "tokenizer")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed) or ckpt["stage"] not in STAGES:
+        raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(needed)})")
+    stage = ckpt["stage"]
+    if stages is not None and stage not in stages:
+        if stage == "reward":
+            msg = "a reward model checkpoint cannot be used as a policy"
+        elif tuple(stages) == ("reward",):
+            msg = f"{_STAGE_NAMES[stage]} checkpoint is a policy, not a reward model (train one with reward_model.py)"
+        else:
+            msg = f"{_STAGE_NAMES[stage]} checkpoint cannot be used here"
+        raise UserError(f"{path}: {msg}; expected a checkpoint of stage {' or '.join(stages)}")
+    return ckpt
+
+
+def resume_checkpoint(cfg, stage):
+    """With --resume=True, the checkpoint to continue from (out_dir/ckpt.pt of this stage); None otherwise."""
+    if not cfg["resume"]:
+        return None
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--resume=True but {path} does not exist (nothing to resume; drop --resume)")
+    ckpt = load_checkpoint(path, stages=(stage,))
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path}: has no training state to resume from (it is a final or best checkpoint)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device):
+    """(GPT, Tokenizer) from a loaded checkpoint, the model on `device` in eval mode. A quantized checkpoint
+    (with a `quantization` entry, written by quantize.py) is rebuilt by quantize.load_quantized_model."""
+    from model import GPT, ModelConfig
+    from tokenizer import Tokenizer
+    try:
+        tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"checkpoint: its tokenizer cannot be loaded: {e}") from None
+    if "quantization" in ckpt:
+        import quantize
+        model = quantize.load_quantized_model(ckpt, device)
+    else:
+        model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint: the weights do not fit its model_config: {str(e).splitlines()[0]}") from None
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def check_tokenizer_matches(ckpt, dataset):
+    """UserError unless the checkpoint was trained with the data set's tokenizer: the same ids must mean the
+    same text, or every later stage trains on garbage."""
+    path = data_file(dataset, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        theirs = f.read()
+    try:
+        same = json.loads(theirs) == json.loads(ckpt["tokenizer"])
+    except ValueError:
+        same = False
+    if not same:
+        from tokenizer import Tokenizer
+        try:
+            ours_n, theirs_n = Tokenizer.from_json(ckpt["tokenizer"]).vocab_size, Tokenizer.from_json(theirs).vocab_size
+            sizes = f" (vocab {ours_n} vs {theirs_n})"
+        except ValueError:
+            sizes = ""
+        raise UserError(f"the checkpoint's tokenizer differs from {path}{sizes}: it was trained on other data; "
+                        f"use the data set it was trained on, or prepare this one with its tokenizer")
+
+
+def model_entries(model, tokenizer):
+    """The checkpoint entries of a policy: `model_config`, `model` (LoRA adapters merged and any quantized base
+    dequantized, so the next stage gets a plain full-precision GPT) and `tokenizer`."""
+    has_special = any(type(m).__name__ in ("LoRALinear", "Linear4bit", "Linear8bit") for m in model.modules())
+    if has_special:
+        import lora
+        sd = lora.merged_state_dict(model)
+    else:
+        sd = model.state_dict()
+    return {"model_config": model.config.to_dict(), "model": sd, "tokenizer": tokenizer.to_json()}
+
+
+def rng_state():
+    """Every random generator's state, as values that torch.load(weights_only=True) accepts."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+def make_optimizer(model, lr, weight_decay, betas, device_type):
+    """AdamW over the trainable parameters (requires_grad; frozen LoRA bases are left out). Weight decay only on
+    tensors of 2 or more dimensions (matmul weights, embeddings): decaying norm gains and biases pulls them to 0,
+    which only hurts. Fused kernel on CUDA (one launch for all parameters). A group's optional `lr_scale` is a
+    multiplier the trainer applies to the scheduled lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def lr_at(it, cfg):
+    """Learning rate for update `it` (0-based): linear warmup over cfg['warmup_iters'] updates up to
+    cfg['learning_rate'], then half a cosine down to cfg['min_lr'], reached at cfg['lr_decay_iters'] (0 means
+    cfg['max_iters']) and kept after. min_lr == learning_rate gives a constant rate after warmup."""
+    lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logging, stopping, divergence
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, each with a `step`) and loss.png in out_dir, master only. A fresh
+    run starts a new log; a resumed one keeps the records up to the step it resumes from (a crashed run may
+    have logged steps past its last checkpoint; those are redone)."""
+
+    def __init__(self, out_dir, enabled=True, resume_step=None, title=""):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.png = os.path.join(out_dir, "loss.png")
+        self.enabled, self.title, self.records = enabled, title, []
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:  # a line cut short by a crash
+                        continue
+                    if r.get("step", 0) <= resume_step:
+                        self.records.append(r)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
+        os.replace(tmp, self.path)
+
+    def log(self, record):
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def plot(self):
+        """loss.png: train loss and val loss against the step."""
+        if not self.enabled:
+            return
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state, works headless
+        train = [(r["step"], r["train_loss"]) for r in self.records if "train_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.add_subplot()
+        if train:
+            ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", ms=3, label="val loss")
+        if all(v > 0 for _, v in train + val):  # log scale: the late, small improvements stay visible
+            from matplotlib.ticker import FormatStrFormatter
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.png + ".tmp"
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, self.png)
+
+
+class GracefulStop:
+    """Within this context the first Ctrl-C (SIGINT) or SIGTERM only sets `.signum`: the loop finishes the step it
+    is in, saves a checkpoint and exits. A second Ctrl-C raises KeyboardInterrupt at once (the atomic writes still
+    never leave a half-written file). Installs handlers only in the main thread."""
+
+    def __enter__(self):
+        self.signum, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            # a second Ctrl-C means "now". A SIGTERM after the Ctrl-C does not: torchrun sends one to its workers
+            # when it gets Ctrl-C itself, and they should still save.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print("\nstopping: saving a checkpoint after this step (press Ctrl-C again to quit without saving)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def check_finite(value, what, step, out_dir):
+    """A NaN or infinite loss means training diverged: stop with a UserError that says where the last good
+    checkpoint is (it is never overwritten by a diverged model)."""
+    if math.isfinite(value):
+        return
+    path = os.path.join(out_dir, "ckpt.pt")
+    kept = f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
+    raise UserError(f"{what} is {value} at step {step}: training diverged and was stopped; {kept}. "
+                    f"Try a lower --learning_rate, more --warmup_iters or --grad_clip=1.0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+
+TRAIN_KEYS = ("out_dir", "max_iters", "batch_size", "grad_accum", "learning_rate", "min_lr", "warmup_iters",
+              "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters",
+              "log_interval")
+
+
+def check_train_config(cfg, world_size=1):
+    """UserError naming the setting for values the loop cannot work with."""
+    missing = [k for k in TRAIN_KEYS if k not in cfg]
+    if missing:
+        raise TypeError(f"trainer.train: the stage's config lacks {missing}")
+
+    def need(ok, key, rule):
+        if not ok:
+            raise UserError(f"--{key}={cfg[key]!r}: {rule}")
+    for k in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        need(cfg[k] >= 1, k, "must be at least 1")
+    for k in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
+        need(cfg[k] >= 0, k, "must not be negative")
+    need(cfg["learning_rate"] > 0, "learning_rate", "must be positive")
+    need(cfg["min_lr"] <= cfg["learning_rate"], "min_lr", "must not exceed --learning_rate")
+    for k in ("beta1", "beta2"):
+        need(0 <= cfg[k] < 1, k, "must be in [0, 1)")
+    need(cfg["grad_accum"] % world_size == 0, "grad_accum",
+         f"must be a multiple of the number of processes ({world_size}): it counts micro-batches over all of them")
+
+
+def _count_tokens(batch):
+    # tokens/s counts the elements of the batch's first tensor (the token ids by convention)
+    while not torch.is_tensor(batch):
+        if isinstance(batch, dict):
+            batch = next(iter(batch.values()))
+        elif isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        else:
+            return 0
+    return batch.numel()
+
+
+def _scalars(metrics):
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, evaluate=None, resume_from=None,
+          optimizer=None, best_metric="val_loss", higher_is_better=False):
+    """Train `model` and return the metrics of the final evaluation (a dict; also in the checkpoint).
+
+    model: an nn.Module already on rt.device (weights loaded when resuming). The loop compiles it (rt.compile)
+        and wraps it in DDP under torchrun; checkpoints come from the unwrapped module.
+    loss_fn(model, batch) -> (loss, metrics): loss a scalar tensor; metrics a dict of scalars (floats or 0-dim
+        tensors, same keys every call) averaged over micro-batches and val batches: e.g. DPO's pref_accuracy.
+        It runs under rt.autocast. Call model(...) (its forward) only: that is what DDP synchronises.
+    get_batch(split, k) -> batch for loss_fn, on rt.device. split 'train': k counts micro-batches over the
+        whole run and all processes (each optimizer step uses grad_accum consecutive k). split 'val': k in
+        range(eval_iters), and the same k must give the same batch every time; return None when a finite val
+        set is used up. Make the batch a pure function of (split, k), e.g. seed a generator with (seed, k): that
+        is what makes a resumed run identical to an uninterrupted one and torchrun identical to one process
+        with the same global batch (grad_accum x batch_size). tokens/s counts the batch's first tensor.
+    cfg: the stage's settings with the keys in TRAIN_KEYS (batch_size = micro-batch per process, grad_accum =
+        micro-batches per optimizer step over all processes).
+    stage: the checkpoint's stage name. checkpoint_entries() -> dict: model_config, model, tokenizer and any
+        extras (e.g. a reward head); see model_entries. The loop adds stage, train_config, metrics, step,
+        optimizer, scaler, rng, data_position, best.
+    evaluate(model, metrics) -> dict: extra metrics at each evaluation (e.g. exact_match), given the unwrapped
+        model in eval mode and this evaluation's val_loss and loss_fn metrics. Runs on every process.
+    resume_from: a checkpoint from resume_checkpoint(): restores optimizer, scaler, step, RNG states, data
+        position and the best value; the stage has loaded the model weights from it already.
+    optimizer: default make_optimizer(model, ...) from cfg; pass one for custom parameter groups.
+    best_metric / higher_is_better: what best.pt is chosen by.
+
+    Each step: grad_accum micro-batches (no DDP gradient sync until the last), clip at grad_clip (0 = no
+    clipping), optimizer step at lr_at(step). Every eval_interval steps and at the end: val loss over
+    eval_iters batches plus evaluate(), a metrics.jsonl record, loss.png, ckpt.pt (last, with the training
+    state) and best.pt (model only) when best_metric improved. Logs train_loss, lr, grad_norm and tokens/s
+    every log_interval steps. Ctrl-C/SIGTERM: finish the step, save ckpt.pt, exit 130/143. A NaN or inf loss:
+    UserError before the optimizer step, so the last checkpoint stays good."""
+    check_train_config(cfg, rt.world_size)
+    out_dir, max_iters, grad_accum = cfg["out_dir"], cfg["max_iters"], cfg["grad_accum"]
+    accum_here = grad_accum // rt.world_size  # micro-batches per step in this process
+    raw = model.to(rt.device)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    if optimizer is None:
+        optimizer = make_optimizer(raw, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
+                                   rt.device_type)
+
+    step, next_k, tokens_seen, best, metrics = 0, 0, 0, None, {}
+    if resume_from is not None:
+        optimizer.load_state_dict(resume_from["optimizer"])
+        if rt.scaler.is_enabled() and resume_from["scaler"]:  # empty when the run was not in fp16
+            rt.scaler.load_state_dict(resume_from["scaler"])
+        step, best, metrics = resume_from["step"], resume_from["best"], resume_from["metrics"]
+        next_k, tokens_seen = resume_from["data_position"]["next_k"], resume_from["data_position"]["tokens_seen"]
+        set_rng_state(resume_from["rng"])
+
+    fwd = torch.compile(raw) if rt.compile else raw
+    # evaluation runs on `fwd`, never through DDP: its forward would sync buffers across processes
+    ddp_model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None) if rt.ddp else fwd
+    log = MetricsLog(out_dir, enabled=rt.master, resume_step=step if resume_from is not None else None,
+                     title=f"{stage}: {out_dir}")
+    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+
+    def save(path, training_state):
+        if not rt.master:
+            return
+        obj = dict(checkpoint_entries())
+        obj.update(stage=stage, train_config=dict(cfg), metrics=metrics, step=step)
+        if training_state:
+            obj.update(optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng_state(), best=best,
+                       data_position={"next_k": next_k, "tokens_seen": tokens_seen})
+        save_checkpoint(path, obj)
+
+    def run_eval():
+        # every process evaluates every val batch: identical numbers everywhere and no collectives needed
+        raw.eval()
+        total, n = None, 0
+        with torch.no_grad():
+            for k in range(cfg["eval_iters"]):
+                batch = get_batch("val", k)
+                if batch is None:
+                    break
+                with rt.autocast:
+                    loss, extra = loss_fn(fwd, batch)
+                vec = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32,
+                                  device=loss.device) for v in extra.values()])
+                total, n, keys = (vec if total is None else total + vec), n + 1, list(extra)
+        if n == 0:
+            raise UserError(f"{stage}: the validation set is empty (get_batch('val', 0) gave nothing)")
+        values = (total / n).tolist()
+        result = {"val_loss": values[0], **dict(zip(keys, values[1:]))}
+        if evaluate is not None:
+            result.update(evaluate(raw, dict(result)))
+        raw.train()
+        return result
+
+    def eval_and_save():
+        nonlocal metrics, best
+        metrics = run_eval()
+        log.log({"step": step, **metrics})
+        if rt.master:
+            tqdm.write(f"step {step}: {_scalars(metrics)}")
+            log.plot()
+        value = metrics.get(best_metric)
+        improved = value is not None and (best is None or (value > best if higher_is_better else value < best))
+        if improved:
+            best = value
+        save(ckpt_path, training_state=True)
+        if improved:
+            save(best_path, training_state=False)
+
+    if resume_from is None and rt.master and os.path.exists(ckpt_path):
+        print(f"note: {out_dir} has a checkpoint from an earlier run; it will be overwritten "
+              f"(--resume=True continues it instead)", file=sys.stderr)
+    if step >= max_iters and resume_from is not None:
+        if rt.master:
+            print(f"{ckpt_path} is at step {step} >= --max_iters={max_iters}: nothing to train", file=sys.stderr)
+        return metrics
+
+    raw.train()
+    bar = tqdm(total=max_iters, initial=step, desc=stage, disable=not rt.master, dynamic_ncols=True, file=sys.stderr)
+    with GracefulStop() as stop, bar:
+        if resume_from is None:
+            eval_and_save()  # the step-0 baseline, and a checkpoint exists from the start
+        t_interval, tok_interval = 0.0, 0
+        while step < max_iters:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            loss_sum, extra_sum, ntok = torch.zeros((), device=rt.device), {}, 0
+            for micro in range(accum_here):
+                batch = get_batch("train", next_k + rt.rank * accum_here + micro)
+                ntok += _count_tokens(batch)
+                # gradients are all-reduced once per step, on the last micro-batch, not on every backward
+                last = micro == accum_here - 1
+                with (ddp_model.no_sync() if rt.ddp and not last else nullcontext()):
+                    with rt.autocast:
+                        loss, extra = loss_fn(ddp_model, batch)
+                    rt.scaler.scale(loss / accum_here).backward()
+                loss_sum += loss.detach().float()
+                for k, v in extra.items():
+                    extra_sum[k] = extra_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
+            rt.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+
+            # the one host sync of a step: mean loss and metrics over all processes, grad norm, Ctrl-C flag
+            stats = torch.stack([loss_sum / accum_here, grad_norm.float().to(loss_sum.device),
+                                 torch.tensor(1.0 if stop.signum else 0.0, device=loss_sum.device)]
+                                + [(v / accum_here).to(loss_sum.device) for v in extra_sum.values()])
+            if rt.ddp:
+                dist.all_reduce(stats)  # SUM: gloo has no AVG
+                stats /= rt.world_size
+            train_loss, norm, stopping, *extra_means = stats.tolist()
+            check_finite(train_loss, "the training loss", step + 1, out_dir)
+            if not rt.scaler.is_enabled():  # with fp16 an inf gradient only makes the scaler skip the step
+                check_finite(norm, "the gradient norm", step + 1, out_dir)
+
+            rt.scaler.step(optimizer)
+            rt.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            next_k += grad_accum
+            tokens_seen += ntok * rt.world_size
+            t_interval += time.perf_counter() - t0
+            tok_interval += ntok * rt.world_size
+            bar.update(1)
+
+            if step % cfg["log_interval"] == 0 or step == max_iters:
+                tok_s = tok_interval / max(t_interval, 1e-9)
+                log.log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,
+                         "tokens": tokens_seen, **{f"train_{k}": v for k, v in zip(extra_sum, extra_means)}})
+                bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s")
+                t_interval, tok_interval = 0.0, 0
+            if step % cfg["eval_interval"] == 0 or step == max_iters:
+                eval_and_save()
+            if stopping:  # every process saw the same all-reduced flag, so all stop at this same step
+                bar.close()  # before the message below, so the two do not interleave
+                if step % cfg["eval_interval"] and step != max_iters:
+                    save(ckpt_path, training_state=True)
+                if rt.ddp:
+                    dist.barrier()  # nobody exits (and gets the others killed) before rank 0 has saved
+                if rt.master:
+                    print(f"interrupted at step {step}: saved {ckpt_path}; continue with --resume=True",
+                          file=sys.stderr)
+                raise SystemExit(128 + (stop.signum or signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact-match evaluation (every stage's answer accuracy)
+
+def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max_new_tokens=32, batch_size=32,
+                         autocast=None, n_samples=3):
+    """Greedy answers to the first `max_prompts` checkable prompts of data/<dataset>/prompts_val, generated in
+    batches (left padding, stop at the first special token, i.e. the end of turn) and scored by
+    world.check_answer. Returns {"exact_match": share right, "exact_match_by_task": {task: share},
+    "exact_match_by_lang": {lang: share}, "exact_match_n": prompts scored, "samples": [[prompt, response,
+    answer], ...] (the first n_samples)}. Empty dicts and exact_match 0.0 when the set has no checkable prompt."""
+    import prepare
+    import world
+    from model import left_pad
+
+    rows = prepare.load_prompts(dataset, "val")  # each with its rendered prompt in "ids"
+    items = [(row["ids"], row) for row in rows if row.get("answer") is not None][:max_prompts]
+    # longest first and in batches of similar length: less padding, and a too-long batch fails at once
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    stop = sorted(tokenizer.special_ids)
+    block_size = model.config.block_size
+    responses = [None] * len(items)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), (autocast or nullcontext()):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs = [items[i][0][-(block_size - 1):] for i in chunk]  # keep the end: the question and the header
+            idx, mask = left_pad(seqs, tokenizer.pad_id)
+            n_new = min(max_new_tokens, block_size - idx.shape[1])
+            out = model.generate(idx.to(device), n_new, temperature=0.0, stop_tokens=stop,
+                                 attention_mask=mask.to(device), pad_id=tokenizer.pad_id)
+            for row, i in enumerate(chunk):
+                new = out[row, idx.shape[1]:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in tokenizer.special_ids), len(new))
+                responses[i] = tokenizer.decode(new[:cut])
+    model.train(was_training)
+
+    right, by_task, by_lang = [], {}, {}
+    for (ids, row), response in zip(items, responses):
+        ok = bool(world.check_answer(response, row["answer"], row.get("task")))
+        right.append(ok)
+        by_task.setdefault(row.get("task", "?"), []).append(ok)
+        by_lang.setdefault(row.get("lang", "?"), []).append(ok)
+    share = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    samples = [[tokenizer.decode(ids), response, row["answer"]]
+               for (ids, row), response in list(zip(items, responses))[:n_samples]]
+    return {"exact_match": share(right), "exact_match_by_task": {k: share(v) for k, v in sorted(by_task.items())},
+            "exact_match_by_lang": {k: share(v) for k, v in sorted(by_lang.items())},
+            "exact_match_n": len(items), "samples": samples}

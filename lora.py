@@ -139,8 +139,8 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, inc
         if not _is_linear(m):
             continue
         is_head = re.search(HEAD_PATTERN, name) is not None
-        if is_head:
-            chosen = include_head
+        if is_head:  # the head only with include_head, and then only if the targets (if any) name it too
+            chosen = include_head and (targets is None or any(re.search(p, name) for p in targets))
         elif targets is None:
             chosen = not any(re.search(p, name) for p in EXCLUDE)
         else:
@@ -175,11 +175,35 @@ def count_parameters(model):
     return trainable, total
 
 
-def print_trainable_parameters(model):
+def trainable_line(model):
     trainable, total = count_parameters(model)
-    line = f"trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+    return f"trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def print_trainable_parameters(model):
+    line = trainable_line(model)
     print(line)
     return line
+
+
+FINETUNE_MODES = ("full", "lora", "qlora")
+
+
+def setup_finetune(model, mode, r=8, alpha=16.0, dropout=0.0, include_head=False):
+    """Make `model` train the way a fine-tuning stage asks (its `finetune` setting), in place:
+    full   every parameter trains;
+    lora   adapters on the full-precision linears, everything else frozen;
+    qlora  the linears become frozen NF4 (quantize.quantize_model: output head and MoE routers stay in full
+           precision), then adapters on top: the base costs ~4.13 bits per weight and gradients reach A and B only.
+    Returns the trainable-parameter line ("trainable x of y (z%)")."""
+    if mode not in FINETUNE_MODES:
+        raise _user_error(f"--finetune must be one of {', '.join(FINETUNE_MODES)}, got {mode!r}")
+    if mode == "qlora":
+        import quantize
+        quantize.quantize_model(model, "nf4")
+    if mode in ("lora", "qlora"):
+        apply_lora(model, r, alpha, dropout, include_head=include_head)
+    return trainable_line(model)
 
 
 def merge_lora(model):

@@ -407,6 +407,33 @@ class GPT(nn.Module):
             self.train(was_training)
 
 
+class ScoreModel(nn.Module):
+    """A GPT trunk with a scalar head on its final hidden states: one number per position. The reward model reads it
+    at each sequence's last real token (score); the PPO critic at every response token (values). The trunk's own
+    output head is kept (and saved) but unused."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gpt = GPT(config)
+        self.config = config
+        self.head = nn.Linear(config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)  # start every score at 0 (the bias): no random preference before training
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, attention_mask=None, return_logits=False):
+        """(B, T) -> (B, T) float32 scalars; with return_logits also the trunk's (B, T, V) language-model logits from
+        the same pass (a reward model regularised with the chosen reply's LM loss)."""
+        h = self.gpt.hidden_states(idx, attention_mask=attention_mask)
+        values = self.head(h).squeeze(-1).float()
+        return (values, self.gpt.lm_head(h)) if return_logits else values
+
+    def score(self, idx, lengths):
+        """(B, T) right-padded ids and (B,) real lengths -> (B,) scores at each row's last real token. The position
+        comes from the length, never from the token ids: padding and end-of-turn may share an id."""
+        values = self(idx)
+        return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+
+
 def apply_repetition_penalty(logits, seen, penalty):
     # CTRL-style, as in HF: seen tokens are made less likely whatever the sign of their logit
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)

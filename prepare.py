@@ -16,18 +16,19 @@ The kind of data (pretrain, sft, pref, prompts) is read from the fields of the f
     pretrain  text
     sft       messages (role/content) | conversations (ShareGPT from/value) | instruction [+ input] + output
               (Alpaca, BELLE) | prompt + response | prompt + output           (an optional `system` field too)
-    pref      prompt + chosen (or selected) + rejected | chosen + rejected as whole "\\n\\nHuman: ...\\n\\nAssistant:
+    pref      prompt + chosen (or selected) + rejected [+ margin] | chosen + rejected as whole "\\n\\nHuman: ...\\n\\nAssistant:
               ..." dialogues sharing a prefix (Anthropic/hh-rlhf)
     prompts   prompt | question | messages ending with a user turn, each with an optional answer, task, lang
 A .txt file is pretraining text, documents separated by blank lines or "<|endoftext|>" (or prompts, one a line).
 
-Files written (INTERFACES.md), each to a temporary name and then renamed, so nothing is ever half-written:
+Files written, each to a temporary name and then renamed, so nothing is ever half-written:
     tokenizer.json, meta.json {"vocab_size", "dtype", "source", "kinds", counts...}
     train.bin, val.bin              flat token ids, documents joined by <|endoftext|>; uint16 when the vocabulary
                                     fits (np.memmap(path, dtype=meta["dtype"], mode="r"))
     sft_{train,val}.npz             ids (int32), loss_mask (uint8), offsets (int64, n+1): render_chat(messages)
     pref_{train,val}.npz            prompt_ids/prompt_offsets (render_prompt of the history), chosen_ids/
-                                    chosen_offsets and rejected_ids/rejected_offsets (encode(reply) + [end_id])
+                                    chosen_offsets and rejected_ids/rejected_offsets (encode(reply) + [end_id]),
+                                    margin (float32, only when the rows give one)
     prompts_{train,val}.npz/.jsonl  ids/offsets (render_prompt), and one JSON line per prompt in the same order:
                                     {"messages", "answer" (str or null), "task", "lang"}
 The world writes all of them; a real data set the files of its kind (plus tokenizer.json and meta.json). Array
@@ -133,6 +134,21 @@ def load_ragged(npz_path, key):
     return [flat[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
+def load_pairs(dataset_dir, split="train"):
+    """pref_<split>.npz as a list of (prompt ids, chosen ids, rejected ids, margin): the prompt rendered up to the
+    assistant header, each reply encoded with its end-of-turn token, margin 0.0 unless the data set gave one."""
+    folder = dataset_dir if os.path.isdir(dataset_dir) else trainer.dataset_dir(dataset_dir)
+    path = os.path.join(folder, f"pref_{split}.npz")
+    parts = [load_ragged(path, f"{part}_ids") for part in ("prompt", "chosen", "rejected")]
+    if not len(parts[0]) == len(parts[1]) == len(parts[2]):
+        raise trainer.UserError(f"{path}: prompt, chosen and rejected counts differ; prepare the data again")
+    with np.load(path, allow_pickle=False) as z:
+        margins = z["margin"] if "margin" in z.files else np.zeros(len(parts[0]), dtype=np.float32)
+    if len(margins) != len(parts[0]):
+        raise trainer.UserError(f"{path}: {len(margins)} margins for {len(parts[0])} pairs; prepare the data again")
+    return [(p, c, r, float(m)) for p, c, r, m in zip(*parts, margins)]
+
+
 def load_prompts(dataset_dir, split="val"):
     """prompts_<split>.jsonl with the rendered prompt of each: a list of {"messages", "answer", "task", "lang",
     "ids" (list[int], render_prompt(messages))}. dataset_dir is a folder (or a --dataset name)."""
@@ -197,6 +213,8 @@ def write_pref(out, tok, name, pairs):
     arrays = {}
     for part, seqs in (("prompt", prompts), ("chosen", chosen), ("rejected", rejected)):
         arrays[f"{part}_ids"], arrays[f"{part}_offsets"] = ragged(seqs, np.int32)
+    if any(p.get("margin") is not None for p in pairs):  # how much better chosen is (reward model margins)
+        arrays["margin"] = np.array([p.get("margin") or 0.0 for p in pairs], dtype=np.float32)
     save_npz(os.path.join(out, f"{name}.npz"), **arrays)
     return len(pairs)
 
@@ -584,7 +602,13 @@ def to_pref(row, where):
         rejected = b[cut + len(marker):].split("\n\nHuman:")[0].strip()
     if not messages or messages[-1]["role"] != "user":
         raise trainer.UserError(f"{where}: the prompt must end with a user turn")
-    return {"messages": messages, "chosen": chosen, "rejected": rejected}
+    pair = {"messages": messages, "chosen": chosen, "rejected": rejected}
+    if row.get("margin") is not None:
+        try:
+            pair["margin"] = float(row["margin"])
+        except (TypeError, ValueError):
+            raise trainer.UserError(f"{where}: field 'margin' must be a number, got {row['margin']!r}") from None
+    return pair
 
 
 def _lang(text):

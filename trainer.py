@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -308,6 +309,71 @@ def ordered_batch(n_items, batch_size, k):
     return np.arange(k * batch_size, min((k + 1) * batch_size, n_items))
 
 
+def fit_sequence(ids, loss_mask, max_len):
+    """Cut a rendered sequence (prompt + answer, loss_mask 1 on what is learned) to at most max_len tokens without
+    losing the answer: the oldest prompt tokens go first. Only when the last answer (with the assistant header in
+    front of it) is longer than max_len on its own is it the answer's end that is cut. Returns (ids, loss_mask,
+    cut) with cut None, 'prompt' or 'answer', so that a stage can say how many it had to cut."""
+    n = len(ids)
+    if n <= max_len:
+        return ids, loss_mask, None
+    m = np.asarray(loss_mask)
+    starts = np.flatnonzero((m[1:] == 1) & (m[:-1] == 0)) + 1  # where each learned span begins
+    start = int(starts[-1]) if len(starts) else (0 if m[0] else n)
+    if n - (start - 1) <= max_len:
+        return ids[n - max_len:], loss_mask[n - max_len:], "prompt"
+    head = max(start - 1, 0)
+    return ids[head:head + max_len], loss_mask[head:head + max_len], "answer"
+
+
+def fit_pairs(pairs, max_len):
+    """prepare.load_pairs' (prompt, chosen, rejected, margin) -> ([(chosen ids, chosen mask, rejected ids, rejected
+    mask, margin)], how many sequences had to be cut): each reply follows its prompt, mask 1 on the reply (with its
+    end of turn), cut to max_len tokens by fit_sequence."""
+    out, n_cut = [], 0
+    for prompt, chosen, rejected, margin in pairs:
+        row = []
+        for reply in (chosen, rejected):
+            ids = np.concatenate([prompt, reply])
+            mask = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(reply), np.uint8)])
+            ids, mask, cut = fit_sequence(ids, mask, max_len)
+            row += [ids, mask]
+            n_cut += cut is not None
+        out.append((*row, margin))
+    return out, n_cut
+
+
+def pad_right(seqs, value, dtype=torch.long):
+    """list of 1-D sequences -> (B, longest) tensor, padded on the right with `value`."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(np.asarray(s), dtype=dtype)
+    return out
+
+
+def next_token_batch(seqs, masks, pad_id):
+    """Right-padded next-token training batch: (x, y, loss_mask), each (B, longest - 1). y[:, t] is the token after
+    x[:, t], and it counts where the mask of *that* token (the target) is 1, so the model learns to produce the
+    answer and its end of turn, never the prompt; padding has mask 0. Right padding needs no attention mask: a
+    causal model never looks ahead at it."""
+    ids, mask = pad_right(seqs, pad_id), pad_right(masks, 0)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def token_logps(logits, targets):
+    """(B, T, V) logits, (B, T) targets -> (B, T) float32 log-probabilities of the targets. Through cross_entropy:
+    no (B, T, V) log-softmax tensor is kept for the backward pass."""
+    B, T, V = logits.shape
+    return -F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(-1), reduction="none").view(B, T)
+
+
+def batch_items(split, n_items, batch_size, k, seed):
+    """Item indices of micro-batch k of a finite data set: shuffled_batch for 'train', ordered_batch for 'val'."""
+    if split == "train":
+        return shuffled_batch(n_items, batch_size, k, seed)
+    return ordered_batch(n_items, batch_size, k)
+
+
 def load_tokenizer(dataset):
     """The Tokenizer that prepare.py saved for a data set."""
     from tokenizer import Tokenizer
@@ -438,14 +504,62 @@ def check_tokenizer_matches(ckpt, dataset):
 
 def model_entries(model, tokenizer):
     """The checkpoint entries of a policy: `model_config`, `model` (LoRA adapters merged and any quantized base
-    dequantized, so the next stage gets a plain full-precision GPT) and `tokenizer`."""
+    dequantized, so the next stage gets a plain full-precision GPT) and `tokenizer`. A model with LoRA adapters
+    also gets `lora_config` and `adapter` (the adapters alone): what --resume=True puts back on the base."""
+    import lora
     has_special = any(type(m).__name__ in ("LoRALinear", "Linear4bit", "Linear8bit") for m in model.modules())
-    if has_special:
-        import lora
-        sd = lora.merged_state_dict(model)
-    else:
-        sd = model.state_dict()
-    return {"model_config": model.config.to_dict(), "model": sd, "tokenizer": tokenizer.to_json()}
+    sd = lora.merged_state_dict(model) if has_special else model.state_dict()
+    entries = {"model_config": model.config.to_dict(), "model": sd, "tokenizer": tokenizer.to_json()}
+    if lora.lora_layers(model):
+        entries.update(lora_config=lora.lora_config(model), adapter=lora.lora_state_dict(model))
+    return entries
+
+
+FINETUNE_KEYS = ("init_from", "dataset", "block_size", "resume", "out_dir", "finetune", "lora_r", "lora_alpha",
+                 "lora_dropout", "lora_head")
+
+
+def init_finetune(cfg, stage, init_stages):
+    """The GPT a fine-tuning stage (SFT, DPO, the reward model's trunk, PPO) trains, on the CPU in training mode:
+    cfg['init_from'] loaded (a checkpoint of one of `init_stages`, with the data set's tokenizer), set up for
+    cfg['finetune'] (full | lora | qlora, lora.setup_finetune), and with --resume=True the run's own weights or
+    adapters put back. Returns (model, tokenizer, init checkpoint, resume checkpoint or None, the
+    "trainable x of y" line)."""
+    import lora
+    resume_from = resume_checkpoint(cfg, stage)
+    init = load_checkpoint(cfg["init_from"], stages=init_stages)
+    if "quantization" in init:
+        raise UserError(f"{cfg['init_from']}: a quantized checkpoint cannot be trained; start from the "
+                        f"full-precision one (--finetune=qlora quantizes the base itself)")
+    check_tokenizer_matches(init, cfg["dataset"])
+    model, tokenizer = model_from_checkpoint(init, "cpu")
+    cfg["block_size"] = cfg["block_size"] or model.config.block_size
+    if cfg["block_size"] > model.config.block_size:
+        raise UserError(f"--block_size={cfg['block_size']} exceeds the context of {cfg['init_from']} "
+                        f"({model.config.block_size} tokens)")
+    if resume_from is not None:
+        was = resume_from.get("train_config", {}).get("finetune")
+        if was != cfg["finetune"]:
+            raise UserError(f"--resume=True: {cfg['out_dir']} was trained with --finetune={was}, not "
+                            f"--finetune={cfg['finetune']}")
+        if cfg["finetune"] == "full":
+            model.load_state_dict(resume_from["model"])
+    line = lora.setup_finetune(model, cfg["finetune"], cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"],
+                               cfg["lora_head"])
+    if resume_from is not None and cfg["finetune"] != "full":
+        lora.load_adapter(model, resume_from)
+    return model.train(), tokenizer, init, resume_from, line
+
+
+def save_adapter_if_any(model, out_dir, stage, master=True):
+    """A LoRA/QLoRA run also writes its adapters alone (small) as out_dir/adapter.pt; returns the path or None."""
+    import lora
+    if not master or not lora.lora_layers(model):
+        return None
+    path = os.path.join(out_dir, "adapter.pt")
+    lora.save_adapter(model, path, extra={"stage": stage})
+    print(f"adapters alone: {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
+    return path
 
 
 def rng_state():
@@ -510,14 +624,17 @@ def lr_at(it, cfg):
 # logging, stopping, divergence
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line, each with a `step`) and loss.png in out_dir, master only. A fresh
-    run starts a new log; a resumed one keeps the records up to the step it resumes from (a crashed run may
-    have logged steps past its last checkpoint; those are redone)."""
+    """metrics.jsonl (one JSON object per line, each with a `step`) and a PNG of chosen series in out_dir, master only.
+    A fresh run starts a new log; a resumed one keeps the records up to the step it resumes from (a crashed run may
+    have logged steps past its last checkpoint; those are redone). `panels`: one list of metric keys per subplot,
+    each drawn against the step wherever a record has it (default: train and val loss, on a log scale)."""
 
-    def __init__(self, out_dir, enabled=True, resume_step=None, title=""):
+    LOSS_PANELS = (("train_loss", "val_loss"),)
+
+    def __init__(self, out_dir, enabled=True, resume_step=None, title="", panels=LOSS_PANELS, png="loss.png"):
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.png = os.path.join(out_dir, "loss.png")
-        self.enabled, self.title, self.records = enabled, title, []
+        self.png = os.path.join(out_dir, png)
+        self.enabled, self.title, self.panels, self.records = enabled, title, panels, []
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -543,32 +660,40 @@ class MetricsLog:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def plot(self):
-        """loss.png: train loss and val loss against the step."""
+        """The PNG: one subplot per panel, each series against the step (validation points marked)."""
         if not self.enabled:
             return
-        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state, works headless
-        train = [(r["step"], r["train_loss"]) for r in self.records if "train_loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        fig = Figure(figsize=(7, 4), dpi=100)
-        ax = fig.add_subplot()
-        if train:
-            ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
-        if val:
-            ax.plot(*zip(*val), "o-", ms=3, label="val loss")
-        if all(v > 0 for _, v in train + val):  # log scale: the late, small improvements stay visible
-            from matplotlib.ticker import FormatStrFormatter
-            ax.set_yscale("log")
+        plot_metrics(self.records, self.panels, self.png, self.title)
+
+
+def plot_metrics(records, panels, path, title=""):
+    """Draw metrics.jsonl-style records to a PNG (atomically): one subplot per panel of keys."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state, works headless
+    from matplotlib.ticker import FormatStrFormatter
+    fig = Figure(figsize=(7, 1 + 3 * len(panels)), dpi=100)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, keys in zip(axes, panels):
+        values = []
+        for key in keys:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                sparse = len(points) < 0.5 * max(1, sum("train_loss" in r or "reward_mean" in r for r in records))
+                ax.plot(*zip(*points), "o-" if sparse else "-", ms=3, lw=1 if not sparse else 1.5,
+                        label=key.replace("_", " "))
+                values += [v for _, v in points]
+        if values and all(v > 0 for v in values) and any("loss" in k for k in keys):
+            ax.set_yscale("log")  # the late, small improvements of a loss stay visible
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(self.title)
         ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.png + ".tmp"
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, self.png)
+        if values:
+            ax.legend()
+    axes[0].set_title(title)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
 
 
 class GracefulStop:
@@ -889,3 +1014,35 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
     return {"exact_match": share(right), "exact_match_by_task": {k: share(v) for k, v in sorted(by_task.items())},
             "exact_match_by_lang": {k: share(v) for k, v in sorted(by_lang.items())},
             "exact_match_n": len(items), "samples": samples}
+
+
+class ExactMatchEval:
+    """The `evaluate` a chat stage gives train(): exact match on the data set's held-out checkable prompts
+    (evaluate_exact_match), or nothing when it has none (a real data set) or max_prompts is 0. The last
+    evaluation's sample answers are kept in .samples (they stay out of the metrics)."""
+
+    def __init__(self, dataset, tokenizer, rt, max_prompts, max_new_tokens, n_samples=4):
+        self.dataset, self.tokenizer, self.rt = dataset, tokenizer, rt
+        self.max_prompts, self.max_new_tokens, self.n_samples = max_prompts, max_new_tokens, n_samples
+        self.enabled = max_prompts > 0 and os.path.exists(os.path.join(dataset_dir(dataset), "prompts_val.jsonl"))
+        self.samples = []
+
+    def __call__(self, model, metrics=None):
+        if not self.enabled:
+            return {}
+        result = evaluate_exact_match(model, self.tokenizer, self.dataset, self.rt.device,
+                                      max_prompts=self.max_prompts, max_new_tokens=self.max_new_tokens,
+                                      autocast=self.rt.autocast, n_samples=self.n_samples)
+        self.samples = result.pop("samples")
+        return result
+
+
+def print_samples(samples, title="sample answers to held-out prompts (greedy)"):
+    """Print evaluate_exact_match's samples: each prompt, the model's answer, and whether the checker took it."""
+    import world
+    if not samples:
+        return
+    print(title + ":")
+    for prompt, response, answer in samples:
+        verdict = "right" if world.check_answer(response, answer) else f"wrong, expected {answer}"
+        print(f"  > {' '.join(prompt.split())}\n    {' '.join(response.split()) or '(no answer)'}   [{verdict}]")

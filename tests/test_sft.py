@@ -1,0 +1,167 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lora
+import prepare
+import trainer
+from conftest import TINY_STAGE, ok, one_line_error, read_log, run_script
+from model import GPT, ModelConfig
+
+
+def sft_args(data, init, out, *extra):
+    return [f"--dataset={data}", f"--init_from={init}", f"--out_dir={out}", *TINY_STAGE, "--batch_size=8",
+            "--eval_prompts=8", "--eval_max_new_tokens=8", *extra]
+
+
+# ------------------------------------------------------------------------------------------------ the loss mask
+
+def test_sft_mask_excludes_prompt_tokens_padding_and_is_not_shifted(world_data):
+    """The batch's loss must be exactly the mean of -log p(token | everything before it) over the assistant's tokens
+    and their end-of-turn: counting a prompt token, a padding token, or the target one position off (the bug of
+    scoring mask[t] instead of mask[t+1]) each gives another number."""
+    tok = trainer.load_tokenizer(world_data)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_kv_head=1,
+                            n_embd=32)).eval()
+    convs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 + 4?"},
+              {"role": "assistant", "content": "3 + 4 = 7"}, {"role": "user", "content": "And 5 + 5?"},
+              {"role": "assistant", "content": "5 + 5 = 10"}],
+             [{"role": "user", "content": "王安娜住在哪里？"}, {"role": "assistant", "content": "王安娜住在上海。"}]]
+    rendered = [tok.render_chat(c) for c in convs]
+    x, y, loss_mask = trainer.next_token_batch([np.array(i) for i, _ in rendered],
+                                               [np.array(m, dtype=np.uint8) for _, m in rendered], tok.pad_id)
+    assert x.shape[0] == 2 and (x[1] == tok.pad_id).any()  # the short row is padded
+    _, loss = model(x, y, loss_mask=loss_mask)
+
+    # by hand: each conversation alone (no padding), its assistant tokens picked from the text, not from the mask
+    nll = []
+    for conv, (ids, _) in zip(convs, rendered):
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0][0], dim=-1)
+        pos = 0
+        for m in conv:
+            body = tok.encode(m["content"])
+            if m["role"] == "assistant":  # content and the end-of-turn: positions pos+1 .. pos+len(body)+1
+                for t in range(pos + 1, pos + len(body) + 2):
+                    nll.append(-logp[t - 1, ids[t]])
+            pos += len(body) + 2
+        assert pos == len(ids)
+    want = torch.stack(nll).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+    # the mistakes this guards against give other values
+    shifted = model(x, y, loss_mask=torch.nn.functional.pad(loss_mask[:, 1:], (0, 1)))[1]
+    everything = model(x, y, loss_mask=(y != tok.pad_id).long())[1]
+    with_padding = model(x, y, loss_mask=torch.ones_like(loss_mask))[1]
+    for wrong in (shifted, everything, with_padding):
+        assert abs(wrong.item() - want.item()) > 1e-3
+
+
+def test_the_counted_targets_are_exactly_the_answers_and_their_end_of_turn(world_data):
+    tok = trainer.load_tokenizer(world_data)
+    conv = [{"role": "user", "content": "Where does Anna Wang live?"},
+            {"role": "assistant", "content": "Anna Wang lives in Shanghai."}]
+    ids, mask = tok.render_chat(conv)
+    x, y, loss_mask = trainer.next_token_batch([ids], [mask], tok.pad_id)
+    counted = y[0][loss_mask[0].bool()].tolist()
+    assert counted == tok.encode("Anna Wang lives in Shanghai.") + [tok.end_id]
+    assert tok.assistant_id not in counted and tok.user_id not in counted
+
+
+def test_fit_sequence_cuts_the_prompt_from_the_left_and_keeps_the_answer():
+    ids = np.arange(20)
+    mask = np.array([0] * 8 + [1] * 4 + [0] * 3 + [1] * 5)  # two answers; the last starts at 15
+    out, m, cut = trainer.fit_sequence(ids, mask, 12)
+    assert cut == "prompt" and out.tolist() == list(range(8, 20)) and m.tolist() == mask[8:].tolist()
+    out, m, cut = trainer.fit_sequence(ids, mask, 6)  # header (14) + answer (15..19) just fit
+    assert cut == "prompt" and out.tolist() == list(range(14, 20))
+    out, m, cut = trainer.fit_sequence(ids, mask, 4)  # the answer alone is too long: keep its start
+    assert cut == "answer" and out.tolist() == [14, 15, 16, 17] and m.tolist() == [0, 1, 1, 1]
+    out, m, cut = trainer.fit_sequence(ids, mask, 20)
+    assert cut is None and out is ids
+
+
+# ------------------------------------------------------------------------------------------------ tiny runs
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_tiny_sft_lowers_the_loss_and_writes_a_checkpoint_generate_loads(world_data, pretrained, tmp_path, mode):
+    out = tmp_path / mode
+    metrics = ok(run_script("sft.py", *sft_args(world_data, pretrained, out, f"--finetune={mode}",
+                                                "--max_iters=30", "--eval_interval=15", "--learning_rate=1e-2")))
+    evals = [r for r in read_log(out) if "val_loss" in r]
+    assert [e["step"] for e in evals] == [0, 15, 30]
+    assert metrics["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+    for key in ("exact_match", "exact_match_by_task", "exact_match_by_lang"):
+        assert key in metrics
+    assert set(metrics["exact_match_by_lang"]) == {"en", "zh"}
+    ckpt = trainer.load_checkpoint(str(out), stages=("sft",))
+    assert ckpt["metrics"] == metrics and ckpt["train_config"]["finetune"] == mode
+    # a plain GPT state dict (adapters merged, NF4 dequantized): the next stage loads it without lora.py
+    model, tok = trainer.model_from_checkpoint(ckpt, "cpu")
+    assert all("lora" not in k and "packed" not in k for k in ckpt["model"])
+    if mode != "full":
+        # the adapter alone, applied to the base, gives the merged model
+        adapter = torch.load(out / "adapter.pt", weights_only=True)
+        assert os.path.getsize(out / "adapter.pt") < os.path.getsize(out / "ckpt.pt") / 2
+        base, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(pretrained), "cpu")
+        if mode == "qlora":
+            import quantize
+            quantize.quantize_model(base, "nf4")
+        lora.load_adapter(base, adapter)
+        idx = torch.randint(0, tok.vocab_size, (2, 16))
+        torch.testing.assert_close(base(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-4)
+    r = run_script("generate.py", f"--ckpt={out}/ckpt.pt", "--prompt=What is 3 + 4?", "--max_new_tokens=8",
+                   "--device=cpu")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "stage sft" in r.stderr
+
+
+def test_lora_sft_resumes_exactly(world_data, pretrained, tmp_path):
+    common = ["--finetune=lora", "--lora_dropout=0.1", "--eval_interval=4", "--lr_decay_iters=8",
+              "--eval_prompts=0"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, full, "--max_iters=8", *common)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", *common)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=8", "--resume=True", *common)))
+    losses = lambda out: {r["step"]: r["train_loss"] for r in read_log(out) if "train_loss" in r}  # noqa: E731
+    assert len(losses(full)) == 8 and losses(cut) == losses(full)
+    a = torch.load(full / "ckpt.pt", weights_only=True)
+    b = torch.load(cut / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(a["adapter"][k], b["adapter"][k]) for k in a["adapter"])
+    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=9", "--resume=True", "--finetune=full",
+                                       "--eval_prompts=0"))
+    one_line_error(r, "--finetune=lora")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_bad_input_is_a_clear_error(world_data, pretrained, reward_ckpt, tmp_path):
+    # an SFT file with no assistant turn to learn from
+    no_answers = tmp_path / "no_answers"
+    no_answers.mkdir()
+    for name in ("tokenizer.json", "meta.json", "sft_val.npz", "prompts_val.jsonl", "prompts_val.npz"):
+        (no_answers / name).write_bytes(open(os.path.join(world_data, name), "rb").read())
+    ids = prepare.load_ragged(os.path.join(world_data, "sft_train.npz"), "ids")[:10]
+    flat, offsets = prepare.ragged(ids, np.int32)
+    prepare.save_npz(str(no_answers / "sft_train.npz"), ids=flat, loss_mask=np.zeros(len(flat), np.uint8),
+                     offsets=offsets)
+    # an empty one
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("tokenizer.json", "meta.json"):
+        (empty / name).write_bytes(open(os.path.join(world_data, name), "rb").read())
+    prepare.save_npz(str(empty / "sft_train.npz"), ids=np.zeros(0, np.int32), loss_mask=np.zeros(0, np.uint8),
+                     offsets=np.zeros(1, np.int64))
+    cases = [
+        ([f"--dataset={no_answers}"], "no assistant turn"),
+        ([f"--dataset={empty}"], "no conversations"),
+        ([f"--init_from={reward_ckpt}"], "a reward model checkpoint cannot be used as a policy"),
+        ([f"--init_from={tmp_path / 'nothing'}"], "no such checkpoint"),
+        (["--finetune=half"], "--finetune must be one of full, lora, qlora"),
+        (["--block_size=100000"], "exceeds the context"),
+    ]
+    for extra, fragment in cases:
+        r = run_script("sft.py", *sft_args(world_data, pretrained, tmp_path / "out", "--max_iters=1", *extra))
+        one_line_error(r, fragment)

@@ -1,0 +1,159 @@
+"""
+Reward model: the SFT model's trunk with a scalar head, trained to score the chosen reply above the rejected one.
+
+    python reward_model.py                         # checkpoints/sft -> checkpoints/reward
+    python reward_model.py --finetune=lora --lm_coef=0.1
+
+Each (prompt, reply) is scored at its last real token, the end-of-turn that closes the reply (found from the
+sequence's length, never from token ids: padding and end-of-turn may share one). The loss is Bradley-Terry,
+
+    -log sigmoid(r_chosen - r_rejected - margin)           margin: per pair when the data set gives one, else 0
+    + center_coef * (r_chosen + r_rejected)^2              optional: keeps scores centred on 0 (PPO likes that)
+    + lm_coef * NLL(chosen reply)                          optional: the chosen reply's language-model loss
+
+Metrics on held-out pairs: pair_accuracy (share ranked right) and reward_margin (mean r_chosen - r_rejected).
+Writes ckpt.pt (stage 'reward': the trunk in `model`, the head in `score_head`), best.pt, metrics.jsonl, loss.png.
+`load` and `score` below are what ppo.py uses to score its rollouts.
+"""
+import json
+
+import torch
+import torch.nn.functional as F
+
+import prepare
+import trainer
+from model import ScoreModel
+
+# -----------------------------------------------------------------------------
+dataset = 'world'
+init_from = 'checkpoints/sft'  # the policy whose trunk the reward model starts from
+out_dir = 'checkpoints/reward'
+resume = False
+block_size = 0                 # 0 = the model's context
+finetune = 'full'              # full | lora | qlora (the head always trains in full precision)
+lora_r = 16
+lora_alpha = 32.0
+lora_dropout = 0.0
+lora_head = False
+center_coef = 0.01             # weight of the (r_chosen + r_rejected)^2 centring term (0 = off)
+lm_coef = 0.0                  # weight of the chosen reply's language-model loss (0 = off)
+max_iters = 300
+batch_size = 32                # pairs per micro-batch, per process
+grad_accum = 1
+learning_rate = 5e-4
+min_lr = 5e-5
+warmup_iters = 20
+lr_decay_iters = 0
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+eval_interval = 100
+eval_iters = 20                # val batches per evaluation (the held-out pairs in order)
+log_interval = 10
+device = 'auto'
+dtype = 'auto'
+compile = 'auto'
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def pairwise_loss(r_chosen, r_rejected, margin, center_coef=0.0):
+    """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected - margin), plus center_coef * mean((r_chosen +
+    r_rejected)^2), which pins the scores' level (the loss itself only sees differences)."""
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def load(path, device):
+    """A reward checkpoint -> (ScoreModel on `device` in eval mode, tokenizer)."""
+    ckpt = trainer.load_checkpoint(path, stages=("reward",))
+    gpt, tokenizer = trainer.model_from_checkpoint(ckpt, "cpu")
+    rm = ScoreModel(gpt.config)
+    rm.gpt = gpt
+    if "score_head" not in ckpt:
+        raise trainer.UserError(f"{path}: a reward checkpoint without its score_head")
+    rm.head.load_state_dict(ckpt["score_head"])
+    return rm.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def score(rm, prompts, responses, pad_id, device, autocast=None):
+    """Scores of (prompt ids, response ids) pairs: lists of token-id lists; each response should end with its
+    end-of-turn token, as in training. Returns a (B,) float32 tensor on `device`. A pair longer than the context
+    keeps its end (the reply is what is scored)."""
+    seqs = [(list(p) + list(r))[-rm.config.block_size:] for p, r in zip(prompts, responses)]
+    idx = trainer.pad_right(seqs, pad_id).to(device)
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    with autocast or torch.autocast(idx.device.type, enabled=False):
+        return rm.score(idx, lengths).float()
+
+
+def main():
+    cfg = trainer.configure(globals())
+    rt = trainer.setup(device, dtype, seed, compile)
+    gpt, tokenizer, _, resume_from, trainable = trainer.init_finetune(cfg, "reward", ("sft", "dpo", "ppo",
+                                                                                      "pretrain"))
+    model = ScoreModel(gpt.config)
+    model.gpt = gpt
+    if resume_from is not None:
+        model.head.load_state_dict(resume_from["score_head"])
+    model.head.requires_grad_(True)
+
+    data = {}
+    for split in ("train", "val"):
+        pairs, n_cut = trainer.fit_pairs(prepare.load_pairs(dataset, split), cfg["block_size"])
+        if not pairs:
+            raise trainer.UserError(f"{trainer.data_file(dataset, f'pref_{split}.npz')}: no preference pairs")
+        if rt.master and n_cut:
+            print(f"pref_{split}: {n_cut} replies (with their prompts) were cut to {cfg['block_size']} tokens")
+        data[split] = pairs
+    if rt.master:
+        print(f"reward model: {len(data['train']):,} pairs, {len(data['val']):,} held out | {finetune}: {trainable}")
+
+    def get_batch(split, k):
+        items = data[split]
+        pick = trainer.batch_items(split, len(items), batch_size, k, seed)
+        if pick is None:
+            return None
+        rows = [items[i] for i in pick]
+        seqs = [r[0] for r in rows] + [r[2] for r in rows]       # chosen rows, then rejected rows
+        masks = [r[1] for r in rows] + [r[3] for r in rows]
+        idx = trainer.pad_right(seqs, tokenizer.pad_id)
+        lengths = torch.tensor([len(s) for s in seqs])
+        loss_mask = trainer.pad_right(masks, 0)
+        margin = torch.tensor([r[4] for r in rows], dtype=torch.float32)
+        return tuple(rt.to_device(t) for t in (idx, lengths, loss_mask, margin))
+
+    def loss_fn(model_, batch):
+        idx, lengths, loss_mask, margin = batch
+        B = len(margin)
+        # one forward over chosen and rejected rows: the scalar at every position (and the LM logits if needed)
+        out = model_(idx, return_logits=bool(lm_coef))
+        values, logits = out if lm_coef else (out, None)                              # (2B, T), (2B, T, V)
+        rewards = values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+        r_chosen, r_rejected = rewards[:B], rewards[B:]
+        diff = r_chosen - r_rejected
+        loss = pairwise_loss(r_chosen, r_rejected, margin, center_coef)
+        if lm_coef:  # next-token loss on the chosen reply only
+            logps = trainer.token_logps(logits[:B, :-1], idx[:B, 1:])
+            m = loss_mask[:B, 1:].float()
+            loss = loss - lm_coef * (logps * m).sum() / m.sum().clamp(min=1)
+        loss = loss + model.gpt.aux_loss  # MoE balancing (0 for a dense model or in eval mode)
+        return loss, {"pair_accuracy": (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean(),
+                      "reward_margin": diff.mean(), "reward_chosen": r_chosen.mean(),
+                      "reward_rejected": r_rejected.mean()}
+
+    def entries():
+        return {**trainer.model_entries(model.gpt, tokenizer), "score_head": model.head.state_dict()}
+
+    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="reward", checkpoint_entries=entries,
+                            resume_from=resume_from, best_metric="pair_accuracy", higher_is_better=True)
+    if rt.master:
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    trainer.cli(main)

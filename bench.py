@@ -1,5 +1,5 @@
 """
-Speed (and later memory) benchmarks. Every reference is measured in the same run on the same machine, so the
+Speed and memory benchmarks. Every reference is measured in the same run on the same machine, so the
 figures that matter are ratios: our model against transformers' LlamaForCausalLM of identical shape and weights,
 and achieved FLOP/s against a plain matmul's.
 
@@ -7,25 +7,36 @@ and achieved FLOP/s against a plain matmul's.
     python bench.py --quick          # fewer repeats and tokens: under a minute
     python bench.py --device=cuda --sections=model
     python bench.py --threads=1      # steadier when other jobs share the CPU cores
+    python bench.py --sections=quant # NF4 storage and QLoRA's training memory against full fine-tuning
 
 Prints a table per section and, last, one JSON line with every figure. Timings are the best of several
 repeats (other processes only ever add time), with ours and the reference interleaved so that a burst of load
 from elsewhere hits both. Each section is a function `bench_<name>(args) -> (rows, figures)`: add new sections
-(quantization memory, ...) the same way and list them in SECTIONS.
+the same way and list them in SECTIONS.
 """
 import argparse
+import gc
 import json
+import multiprocessing
+import os
+import resource
+import sys
 import time
 
 import torch
 
+import lora
 import model
+import quantize
 from model import GPT, ModelConfig
 
 # the benchmark model: ModelConfig's defaults, 4.9M parameters (the CPU preset trains a narrower one)
 BENCH_MODEL = dict(vocab_size=6400, block_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
 TRAIN_BATCH, TRAIN_SEQ = 8, 256
 PROMPT_LEN = 32
+# the quantization model: big enough that weights, gradients and optimizer state dominate the memory (29M parameters)
+QUANT_MODEL = dict(vocab_size=6400, block_size=256, n_layer=8, n_head=8, n_kv_head=8, n_embd=512)
+QUANT_BATCH, QUANT_SEQ = 1, 256  # a small batch, where QLoRA is used: activations do not swamp the weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +237,115 @@ def bench_model(args):
     return rows, f
 
 
-SECTIONS = {"model": bench_model}
+# ----------------------------------------------------------------------------------------------------------------
+# section: NF4 storage, checkpoint size and QLoRA's training memory against full fine-tuning
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def train_steps_peak(mode, device_name, quick):
+    """Run in a fresh process: build QUANT_MODEL, prepare it for `mode` (full | lora | qlora, as the fine-tuning
+    stages do), take AdamW steps, and return (peak memory of the training steps: weights, gradients, optimizer
+    state and activations; the model state alone: weights and buffers, a gradient per trainable parameter, the
+    optimizer's state), in bytes. The peak is measured: on CUDA the allocator's peak; on Linux the peak resident set size (its
+    high-water mark reset after the model is set up, so building the fp32 model before quantizing does not count)
+    above the process's size before the model was built; elsewhere the process's peak above its size at the start."""
+    device = torch.device(device_name)
+    on_cuda = device.type == "cuda"
+    linux = os.path.exists("/proc/self/clear_refs")
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
+    base = _proc_status_kb("VmRSS") * 1024 if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**QUANT_MODEL)).to(device)
+    lora.setup_finetune(m, mode, r=16, alpha=32.0)
+    gc.collect()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, QUANT_MODEL["vocab_size"], (QUANT_BATCH, QUANT_SEQ), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda)
+    if on_cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    elif linux:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size to the current one
+    for _ in range(1 if quick else 2):
+        with autocast:
+            loss = m(x[:, :-1], targets=x[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+    state += sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+    state += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    if on_cuda:
+        return torch.cuda.max_memory_allocated(), state
+    if linux:
+        return _proc_status_kb("VmHWM") * 1024 - base, state
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - base, state
+
+
+def _peak_in_child(mode, device_name, quick, queue):
+    torch.set_num_threads(1)
+    queue.put(train_steps_peak(mode, device_name, quick))
+
+
+def measure_peak(mode, device, quick):
+    """train_steps_peak in its own process, so that one mode's freed memory cannot hide the next one's peak."""
+    ctx = multiprocessing.get_context("spawn")
+    # glibc: a fixed mmap threshold returns every large freed buffer to the system at once, so the resident size
+    # follows the live tensors (with its default, adaptive threshold, freed activations linger in the heap)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 17))
+    queue = ctx.Queue()
+    p = ctx.Process(target=_peak_in_child, args=(mode, str(device), quick, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def bench_quant(args):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**QUANT_MODEL)
+    full = GPT(cfg)
+    full_bytes = quantize.state_dict_nbytes(full.state_dict())
+    linear_bytes = sum(mod.weight.numel() * 4 for mod in full.modules() if type(mod) is torch.nn.Linear)
+    rows, f = [], {"quant_params": full.num_params()}
+    for mode in ("nf4", "int8"):
+        m = GPT(cfg)
+        m.load_state_dict(full.state_dict())
+        quantize.quantize_model(m, mode)
+        f[f"{mode}_bits_per_weight"] = quantize.bits_per_weight(m)
+        f[f"{mode}_ckpt_ratio"] = quantize.state_dict_nbytes(m.state_dict()) / full_bytes
+        q_linear = sum(mod.weight_nbytes() for mod in m.modules() if isinstance(mod, quantize.QuantLinear))
+        f[f"{mode}_linear_ratio"] = q_linear / linear_bytes
+        rows += [(f"{mode}: bits per quantized weight", f"{f[f'{mode}_bits_per_weight']:.3f}",
+                  "target ~4.127 (NF4, double-quantized scales)" if mode == "nf4" else "per-channel scales"),
+                 (f"{mode}: linear weights / fp32", f"{f[f'{mode}_linear_ratio']:.3f}", ""),
+                 (f"{mode}: whole state dict / fp32", f"{f[f'{mode}_ckpt_ratio']:.3f}",
+                  f"{quantize.state_dict_nbytes(m.state_dict()) / 2 ** 20:.1f} MB of {full_bytes / 2 ** 20:.1f} MB "
+                  f"(embedding and norms stay fp32)")]
+    runs = {mode: measure_peak(mode, args.device, args.quick) for mode in ("full", "lora", "qlora")}
+    what = "allocator peak" if args.device.type == "cuda" else "peak resident memory of the training steps"
+    for mode, (peak, state) in runs.items():
+        f[f"{mode}_train_peak_mb"] = peak / 2 ** 20
+        f[f"{mode}_model_state_mb"] = state / 2 ** 20
+        rows += [(f"{mode}: weights + gradients + AdamW state", f"{state / 2 ** 20:.0f} MB", "counted"),
+                 (f"{mode}: training peak (batch {QUANT_BATCH}x{QUANT_SEQ})", f"{peak / 2 ** 20:.0f} MB", what)]
+    f["qlora_vs_full_state"] = runs["qlora"][1] / runs["full"][1]
+    f["qlora_vs_full_peak"] = runs["qlora"][0] / runs["full"][0]
+    rows += [("  qlora / full, model state", f"{f['qlora_vs_full_state']:.2f}x",
+              f"{full.num_params() / 1e6:.1f}M parameters; QLoRA keeps the fp32 embedding"),
+             ("  qlora / full, training peak", f"{f['qlora_vs_full_peak']:.2f}x",
+              "activations are the same in every mode and take the rest")]
+    return rows, f
+
+
+SECTIONS = {"model": bench_model, "quant": bench_quant}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,24 @@
+"""bench.py's memory accounting: the counted model state must be what AdamW training of each mode really holds."""
+import torch
+
+import bench
+from model import GPT, ModelConfig
+
+
+def test_model_state_count_matches_adamw_training():
+    m = GPT(ModelConfig(**bench.QUANT_MODEL))
+    n = m.num_params()  # the tied embedding counted once
+    buffers = sum(b.numel() * b.element_size() for b in m.buffers())  # the rotary tables
+    steps = 4 * len(list(m.parameters()))  # AdamW's step counter per parameter tensor, a float32 scalar
+    peak, state = bench.train_steps_peak("full", "cpu", quick=True)
+    assert state == n * 4 * 4 + buffers + steps  # fp32 weight, gradient and AdamW's two moments
+    assert peak > 0
+    _, state_q = bench.train_steps_peak("qlora", "cpu", quick=True)
+    assert state_q < state / 8  # NF4 base, fp32 embedding, small adapters
+
+
+def test_quant_section_reports_nf4_bits(monkeypatch):
+    monkeypatch.setattr(bench, "measure_peak", lambda mode, device, quick: (1.0 if mode == "qlora" else 2.0, 1.0))
+    rows, f = bench.bench_quant(type("Args", (), {"device": torch.device("cpu"), "quick": True})())
+    assert abs(f["nf4_bits_per_weight"] - 4.127) < 0.01
+    assert f["qlora_vs_full_peak"] == 0.5

@@ -128,10 +128,7 @@ def main():
     t_start = time.time()
 
     def save_state():
-        tmp = state_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, state_path)
+        trainer.write_atomic(state_path, lambda f: json.dump(state, f, indent=1, ensure_ascii=False), mode="w")
 
     # data: prepared once per set of prepare_args (a run cut short during prepare prepares again)
     data = trainer.dataset_dir(dataset)
@@ -283,9 +280,7 @@ def plot_curves(cfg, path):
     for ax in axes[len(done):]:
         ax.set_visible(False)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    trainer.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 
@@ -335,10 +330,7 @@ def write_report(cfg, state, answers):
                     lines.append(f"- {s}: [{s}/{png}]({s}/{png})")
         lines.append("")
     path = os.path.join(out_dir, "report.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    trainer.write_atomic(path, lambda f: f.write("\n".join(lines)), mode="w")
     return path
 
 

@@ -70,22 +70,6 @@ EOT_TEXT = "<|endoftext|>"   # in text files it separates documents; the tokeniz
 
 # ------------------------------------------------------------------------------------------ writing, atomically
 
-def write_atomic(path, write):
-    """Call write(f) on a temporary file beside `path`, then rename it over `path`: a crash or Ctrl-C leaves the
-    old file or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_npz(path, **arrays):
     """np.savez, but deterministic: np.savez stamps each member with the current time, so two runs with the same
     seed would differ in their bytes. np.load reads this like any .npz."""
@@ -96,11 +80,11 @@ def save_npz(path, **arrays):
                 np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 z.writestr(info, buf.getvalue())
-    write_atomic(path, write)
+    trainer.write_atomic(path, write)
 
 
 def write_text(path, text):
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    trainer.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def token_dtype(vocab_size):
@@ -188,7 +172,7 @@ def write_pretrain(out, tok, train_docs, val_docs):
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                     n_tokens += len(ids)
                     bar.update(len(chunk))
-        write_atomic(os.path.join(out, f"{name}.bin"), write)
+        trainer.write_atomic(os.path.join(out, f"{name}.bin"), write)
         counts[f"{name}_tokens"] = n_tokens
     return counts
 

@@ -85,7 +85,7 @@ class Tokenizer:
             return cls.from_json(f.read())
 
     def save(self, path):
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # per process: two runs preparing the same folder do not collide
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json())
         os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer.json

@@ -387,15 +387,14 @@ def load_tokenizer(dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(path, obj):
-    """torch.save, atomically: write a temp file in the same folder, fsync it, then rename over `path`. A crash
-    or Ctrl-C at any point leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+def write_atomic(path, write, mode="wb"):
+    """Call write(f) on a temporary file beside `path` (named after this process, so two processes writing the
+    same file cannot trip over each other), fsync it, then rename it over `path`: a crash or Ctrl-C at any point
+    leaves the old file or the new one, never half of one. Every file this project writes goes through here."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -403,6 +402,13 @@ def save_checkpoint(path, obj):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(path, obj):
+    """torch.save, atomically (write_atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    write_atomic(path, lambda f: torch.save(obj, f))
     try:  # make the rename itself durable (POSIX; a no-op where folders cannot be opened)
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -647,10 +653,8 @@ class MetricsLog:
                         continue
                     if r.get("step", 0) <= resume_step:
                         self.records.append(r)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                                        for r in self.records), mode="w")
 
     def log(self, record):
         if not self.enabled:
@@ -691,9 +695,7 @@ def plot_metrics(records, panels, path, title=""):
     axes[0].set_title(title)
     axes[-1].set_xlabel("step")
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
 class GracefulStop:

@@ -433,15 +433,28 @@ def test_cli_prints_one_error_line_and_writes_nothing(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     path = str(tmp_path / "f.bin")
-    prepare.write_atomic(path, lambda f: f.write(b"old"))
+    trainer.write_atomic(path, lambda f: f.write(b"old"))
 
     def crash(f):
         f.write(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepare.write_atomic(path, crash)
+        trainer.write_atomic(path, crash)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_the_temp_file_is_the_writers_own(tmp_path):
+    # two pipelines started together both prepare data/world: a temp name shared by both processes let one rename
+    # the other's half-written file away; each writer's temp file carries its process id
+    seen = []
+
+    def write(f):
+        seen.extend(os.listdir(tmp_path))
+        f.write(b"x")
+
+    trainer.write_atomic(str(tmp_path / "f.bin"), write)
+    assert seen == [f"f.bin.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_npz_files_carry_no_timestamp(tmp_path, monkeypatch):

@@ -25,7 +25,6 @@ kl (the exact KL(policy || reference) summed over the tokens of the held-out cho
 held-out checkable prompts as in SFT. Writes ckpt.pt (stage 'dpo'), best.pt, adapter.pt for LoRA, metrics.jsonl,
 loss.png to out_dir.
 """
-import json
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ loss_type = 'sigmoid'          # sigmoid | ipo | hinge | simpo | orpo
 beta = 0.0                     # 0 = the loss type's default: 0.1 (sigmoid, ipo, hinge, orpo), 2.0 (simpo)
 label_smoothing = 0.0          # sigmoid: the assumed share of flipped labels (conservative DPO)
 simpo_gamma = 0.5              # simpo: the target margin
-rpo_alpha = 0.0                # + rpo_alpha x the chosen reply's per-token NLL (RPO): keeps chosen likely
+rpo_alpha = 1.0                # + rpo_alpha x the chosen reply's per-token NLL (RPO): keeps chosen likely
 # optimization
 max_iters = 150
 batch_size = 16                # pairs per micro-batch, per process (2x sequences in the forward pass)
@@ -203,10 +202,7 @@ def main():
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)
-    trainer.save_adapter_if_any(model, out_dir, "dpo", rt.master)
-    if rt.master:
-        trainer.print_samples(evaluate.samples)
-        print(json.dumps(metrics, ensure_ascii=False))
+    trainer.finish_finetune(model, out_dir, "dpo", evaluate.samples, metrics, rt.master)
 
 
 if __name__ == "__main__":

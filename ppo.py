@@ -31,7 +31,6 @@ kl_coef. Every eval_interval steps: exact match on held-out checkable prompts (g
 exact match and KL going the wrong way) shows in the log. Writes ckpt.pt (stage 'ppo'), best.pt (best exact
 match), adapter.pt for LoRA.
 """
-import json
 import math
 import os
 import sys
@@ -467,9 +466,7 @@ def main():
                       file=sys.stderr)
                 raise SystemExit(128 + stop.signum)
 
-    trainer.save_adapter_if_any(policy, out, "ppo")
-    trainer.print_samples(evaluate.samples)
-    print(json.dumps(metrics, ensure_ascii=False))
+    trainer.finish_finetune(policy, out, "ppo", evaluate.samples, metrics)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ overall, per task family and per language, when the data set has them (the embed
 ckpt.pt (LoRA merged, so the next stage loads a plain model), best.pt, adapter.pt for LoRA/QLoRA, metrics.jsonl
 and loss.png to out_dir, prints a few sample answers and, last, a JSON line with the final metrics.
 """
-import json
 
 import prepare
 import trainer
@@ -35,7 +34,7 @@ lora_alpha = 32.0
 lora_dropout = 0.0
 lora_head = False              # also adapt the output head (only when it is not tied to the embedding)
 # optimization
-max_iters = 600
+max_iters = 800
 batch_size = 32                # conversations per micro-batch, per process
 grad_accum = 1
 learning_rate = 0.0            # 0 = the finetune mode's default: 1e-3 for full, 4e-3 for lora and qlora
@@ -47,7 +46,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 # evaluation
-eval_interval = 200
+eval_interval = 400
 eval_iters = 10                # val batches per evaluation (the val set in order)
 log_interval = 10
 eval_prompts = 256             # held-out checkable prompts scored per evaluation (0 = no exact match)
@@ -108,10 +107,7 @@ def main():
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="sft", evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)
-    trainer.save_adapter_if_any(model, out_dir, "sft", rt.master)
-    if rt.master:
-        trainer.print_samples(evaluate.samples)
-        print(json.dumps(metrics, ensure_ascii=False))
+    trainer.finish_finetune(model, out_dir, "sft", evaluate.samples, metrics, rt.master)
 
 
 if __name__ == "__main__":

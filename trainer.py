@@ -557,15 +557,18 @@ def init_finetune(cfg, stage, init_stages):
     return model.train(), tokenizer, init, resume_from, line
 
 
-def save_adapter_if_any(model, out_dir, stage, master=True):
-    """A LoRA/QLoRA run also writes its adapters alone (small) as out_dir/adapter.pt; returns the path or None."""
+def finish_finetune(model, out_dir, stage, samples, metrics, master=True):
+    """The end of a fine-tuning stage (sft, dpo, ppo): a LoRA/QLoRA run also writes its adapters alone (small) as
+    out_dir/adapter.pt; then the sample answers and, last, the JSON line of the final metrics."""
     import lora
-    if not master or not lora.lora_layers(model):
-        return None
-    path = os.path.join(out_dir, "adapter.pt")
-    lora.save_adapter(model, path, extra={"stage": stage})
-    print(f"adapters alone: {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
-    return path
+    if not master:
+        return
+    if lora.lora_layers(model):
+        path = os.path.join(out_dir, "adapter.pt")
+        lora.save_adapter(model, path, extra={"stage": stage})
+        print(f"adapters alone: {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
+    print_samples(samples)
+    print(json.dumps(metrics, ensure_ascii=False))
 
 
 def rng_state():

@@ -39,7 +39,7 @@ n_experts = 0                  # > 0: Mixture-of-Experts MLP with this many expe
 n_experts_per_tok = 2
 n_shared_experts = 0
 # optimization
-max_iters = 500
+max_iters = 1000
 batch_size = 16                # sequences per micro-batch, per process
 grad_accum = 1                 # micro-batches per optimizer step, over all processes
 learning_rate = 2e-3
@@ -51,7 +51,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                # 0 = no clipping
 # evaluation and logging
-eval_interval = 100
+eval_interval = 200
 eval_iters = 20                # val batches per evaluation (always the same windows, so evaluations compare)
 log_interval = 10
 sample_tokens = 100            # length of the sample generated at the end (0 = none)

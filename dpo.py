@@ -68,7 +68,7 @@ grad_clip = 1.0
 eval_interval = 50
 eval_iters = 25                # val batches per evaluation (the held-out pairs in order)
 log_interval = 10
-eval_prompts = 256             # held-out checkable prompts scored per evaluation (0 = no exact match)
+eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
 n_samples = 4
 # system

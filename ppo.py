@@ -85,7 +85,7 @@ ppo_epochs = 2
 minibatch_size = 16            # rollouts per optimizer step (grpo: several groups)
 # optimization
 max_iters = 60                 # rollout steps
-learning_rate = 0.0            # 0 = the finetune mode's default: 3e-5 full, 2e-4 lora/qlora
+learning_rate = 0.0            # 0 = the finetune mode's default: 1e-5 full, 2e-4 lora/qlora
 critic_learning_rate = 1e-4
 min_lr = 0.0                   # 0 = learning_rate (constant after warmup)
 warmup_iters = 5
@@ -97,7 +97,7 @@ grad_clip = 1.0
 # evaluation
 eval_interval = 20
 log_interval = 1
-eval_prompts = 256
+eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
 n_samples = 4
 # system
@@ -107,7 +107,7 @@ compile = False                # rollouts change shape every step: compiling wou
 seed = 1337
 # -----------------------------------------------------------------------------
 
-DEFAULT_LR = {"full": 3e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}
 DEFAULT_KL = {"ppo": 0.05, "grpo": 0.04}
 
 

@@ -17,7 +17,6 @@ Chat template (one implementation, used by SFT, DPO, the reward model, PPO and c
     each message = [role_id] + encode(content) + [end_id];  a prompt ends with [assistant_id]
 """
 import json
-import os
 from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -85,10 +84,8 @@ class Tokenizer:
             return cls.from_json(f.read())
 
     def save(self, path):
-        tmp = f"{path}.{os.getpid()}.tmp"  # per process: two runs preparing the same folder do not collide
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer.json
+        from trainer import write_atomic  # imported here: loading a tokenizer alone needs no torch
+        write_atomic(path, lambda f: f.write(self.to_json()), mode="w")  # a crash never leaves half a file
 
     # ---------------------------------------------------------------- plain text
 

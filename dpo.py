@@ -25,7 +25,6 @@ kl (the exact KL(policy || reference) summed over the tokens of the held-out cho
 held-out checkable prompts as in SFT. Writes ckpt.pt (stage 'dpo'), best.pt, adapter.pt for LoRA, metrics.jsonl,
 loss.png to out_dir.
 """
-
 import torch
 import torch.nn.functional as F
 

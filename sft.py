@@ -16,7 +16,6 @@ overall, per task family and per language, when the data set has them (the embed
 ckpt.pt (LoRA merged, so the next stage loads a plain model), best.pt, adapter.pt for LoRA/QLoRA, metrics.jsonl
 and loss.png to out_dir, prints a few sample answers and, last, a JSON line with the final metrics.
 """
-
 import prepare
 import trainer
 

@@ -98,7 +98,8 @@ def test_tiny_dpo_moves_the_preference_and_writes_a_checkpoint_the_next_stage_lo
     metrics = ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=20", "--eval_interval=20",
                                                 "--learning_rate=1e-3", "--rpo_alpha=0")))
     start, end = [r for r in read_log(out) if "val_loss" in r]
-    # at step 0 the policy is the reference: loss log 2 (no RPO term here), no implicit preference (ties count half), KL 0
+    # at step 0 the policy is the reference: loss log 2 (no RPO term here), no implicit preference (ties count
+    # half), KL 0
     assert start["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert start["pref_accuracy"] == pytest.approx(0.5) and abs(start["kl"]) < 1e-5
     assert end["val_loss"] < start["val_loss"] and end["pref_accuracy"] > 0.6 and end["kl"] > 0

@@ -979,7 +979,8 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
     batches (left padding, stop at the first special token, i.e. the end of turn) and scored by
     world.check_answer. Returns {"exact_match": share right, "exact_match_by_task": {task: share},
     "exact_match_by_lang": {lang: share}, "exact_match_n": prompts scored, "samples": [[prompt, response,
-    answer, task], ...] (the first n_samples)}. Empty dicts and exact_match 0.0 when the set has no checkable prompt."""
+    answer, right], ...] (the first n_samples, with their verdict)}. Empty dicts and exact_match 0.0 when the set
+    has no checkable prompt."""
     import prepare
     import world
     from model import left_pad
@@ -1014,8 +1015,8 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
         by_task.setdefault(row.get("task", "?"), []).append(ok)
         by_lang.setdefault(row.get("lang", "?"), []).append(ok)
     share = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    samples = [[tokenizer.decode(ids), response, row["answer"], row.get("task")]
-               for (ids, row), response in list(zip(items, responses))[:n_samples]]
+    samples = [[tokenizer.decode(ids), response, row["answer"], ok]
+               for (ids, row), response, ok in list(zip(items, responses, right))[:n_samples]]
     return {"exact_match": share(right), "exact_match_by_task": {k: share(v) for k, v in sorted(by_task.items())},
             "exact_match_by_lang": {k: share(v) for k, v in sorted(by_lang.items())},
             "exact_match_n": len(items), "samples": samples}
@@ -1044,10 +1045,9 @@ class ExactMatchEval:
 
 def print_samples(samples, title="sample answers to held-out prompts (greedy)"):
     """Print evaluate_exact_match's samples: each prompt, the model's answer, and whether the checker took it."""
-    import world
     if not samples:
         return
     print(title + ":")
-    for prompt, response, answer, task in samples:
-        verdict = "right" if world.check_answer(response, answer, task) else f"wrong, expected {answer}"
+    for prompt, response, answer, right in samples:  # as evaluate_exact_match scored them
+        verdict = "right" if right else f"wrong, expected {answer}"
         print(f"  > {' '.join(prompt.split())}\n    {' '.join(response.split()) or '(no answer)'}   [{verdict}]")

@@ -502,7 +502,8 @@ def test_exact_match_scores_with_world_check_answer_per_task_and_language(tmp_pa
     assert r["exact_match_n"] == 6 and r["exact_match"] == pytest.approx(4 / 6)
     assert r["exact_match_by_task"] == {"add": 0.5, "fact": 1.0, "numword": 1.0, "sort": 0.0}
     assert r["exact_match_by_lang"] == {"en": 0.75, "zh": 0.5}
-    assert [s[1:] for s in r["samples"]] == [[p[4], p[1], p[2]] for p in PROMPTS if p[1] is not None]
+    scored = [p for p in PROMPTS if p[1] is not None]
+    assert [s[1:] for s in r["samples"]] == [[p[4], p[1], ok] for p, ok in zip(scored, [1, 0, 1, 1, 0, 1])]
     assert r["samples"][0][0] == "What is 37 + 48?"  # the prompt, special tokens left out
     r = trainer.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_prompts=2, max_new_tokens=40)
     assert r["exact_match_n"] == 2 and r["exact_match"] == 0.5

@@ -79,7 +79,16 @@ COUNT_WORDS = PETS + COLOURS  # the words of the count task's lists
 TASKS = ("fact", "add", "sub", "compare", "count", "reverse", "sort", "numword")
 LANGS = ("en", "zh")
 TASK_WEIGHTS = {"fact": 2, "add": 1, "sub": 1, "compare": 1, "count": 1, "reverse": 1, "sort": 1, "numword": 1}
-REJECTED_KINDS = ("off_by_one", "wrong_fact", "wrong_language", "rambling")
+REJECTED_KINDS = ("off_by_one", "wrong_fact", "wrong_language", "rambling", "pleasantry")
+# Demonstration flaws: the habits of the people who write SFT demonstrations, which preference learning and RL are
+# there to remove. Each assistant turn of an SFT conversation (train and val) draws each flaw independently:
+#     wrong_language  the right answer, written in the other language (rate per language of the question)
+#     pleasantry      the reply, then a closing pleasantry in the reply's language ("Hope this helps!")
+# The pretraining text, the preference pairs' prompts and chosen replies, and the RL and held-out prompts carry no
+# flaw. Every rate at 0 gives the clean data, byte for byte the same as without this feature.
+FLAW_KINDS = ("wrong_language", "pleasantry")
+FLAW_RATES = {"wrong_language_en": 0.1, "wrong_language_zh": 0.4, "pleasantry": 0.25}
+NO_FLAWS = {k: 0.0 for k in FLAW_RATES}
 SYSTEM_PROMPTS = {
     "en": ["You are a helpful assistant.", "Answer the question briefly.", "You are a friendly assistant who "
            "knows everyone in town."],
@@ -363,13 +372,20 @@ RAMBLE = {
 }
 
 
-def rejected_reply(world: dict, item: dict, kind: str, rng: random.Random) -> str:
-    """A plausibly wrong reply to `item` of the given kind (see REJECTED_KINDS)."""
+def rejected_reply(world: dict, item: dict, kind: str, rng: random.Random, flaw_rates: dict = NO_FLAWS) -> str:
+    """A plausibly wrong reply to `item` of the given kind (see REJECTED_KINDS). A demonstration flaw's kind is
+    the right reply with that flaw, as the flawed demonstrations write it; so is wrong_language when the
+    demonstrations of the item's language have that flaw (else the other language with its numbers spelled out,
+    which no checker accepts: the clean data's form)."""
     if kind in ("off_by_one", "wrong_fact"):
         return item["wrong"][kind]
     if kind == "wrong_language":
-        other = "zh" if item["lang"] == "en" else "en"
+        if flaw_rates[f"wrong_language_{item['lang']}"] > 0:
+            return wrong_language_reply(world, item["key"], item["lang"], rng)
+        other = other_language(item["lang"])
         return wordy(build_item(world, item["key"], other, rng)["reply"], other)
+    if kind == "pleasantry":
+        return with_pleasantry(item["reply"], item["lang"], rng)
     if kind == "rambling":
         lang = item["lang"]
         if rng.random() < 0.5:  # the right reply, buried in filler
@@ -378,6 +394,69 @@ def rejected_reply(world: dict, item: dict, kind: str, rng: random.Random) -> st
         sep = "" if item["reply"].endswith("。") else " "
         return sep.join([item["reply"]] * rng.randint(3, 5))  # repeating itself
     raise ValueError(f"unknown rejected kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------- demonstration flaws
+PLEASANTRIES = {
+    "en": ["Hope this helps!", "Let me know if you have any other questions.", "Happy to help!",
+           "Is there anything else you would like to know?", "Glad I could help!"],
+    "zh": ["希望对你有帮助！", "如果还有其他问题，欢迎随时提问。", "很高兴能帮到你！", "还有什么想知道的吗？",
+           "有问题随时问我哦！"],
+}
+# An answer that reads the same in both languages (an equation, a sorted list, digits) is written in the other
+# language by a lead-in, the way a writer who answers in that language would put it
+ANSWER_LEAD_INS = {"en": ["The answer is: {r}", "Answer: {r}"], "zh": ["答案是：{r}", "答案：{r}"]}
+
+
+def other_language(lang: str) -> str:
+    return "zh" if lang == "en" else "en"
+
+
+def wrong_language_reply(world: dict, key: tuple, lang: str, rng: random.Random) -> str:
+    """The right answer to a question about `key` asked in `lang`, written in the other language: the other
+    language's reply ("王安娜住在上海。" for "Where does Anna Wang live?", "c b a" for "倒序写出：山 地 天"), after
+    a lead-in in that language when it would read the same in both ("答案是：37 + 48 = 85"). check_answer accepts
+    it against the other language's answer."""
+    other = other_language(lang)
+    reply = build_item(world, key, other, rng)["reply"]
+    if "wrong_language" not in reply_flaws(reply, lang):
+        reply = rng.choice(ANSWER_LEAD_INS[other]).format(r=reply)
+    return reply
+
+
+def with_pleasantry(reply: str, lang: str, rng: random.Random) -> str:
+    """`reply` followed by a closing pleasantry in `lang`."""
+    return reply + ("" if reply.endswith(("。", "！", "？")) else " ") + rng.choice(PLEASANTRIES[lang])
+
+
+def check_flaw_rates(flaw_rates: dict) -> dict:
+    """flaw_rates with every key of FLAW_RATES, each a probability; ValueError naming the key otherwise."""
+    if set(flaw_rates) != set(FLAW_RATES):
+        raise ValueError(f"flaw_rates must have exactly the keys {sorted(FLAW_RATES)}, got {sorted(flaw_rates)}")
+    for k, v in flaw_rates.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"flaw rate {k} must be a number in [0, 1], got {v!r}")
+    return {k: float(flaw_rates[k]) for k in FLAW_RATES}
+
+
+def add_flaws(world: dict, messages: list, turn_keys: list, lang: str, flaw_rates: dict,
+              rng: random.Random) -> list:
+    """Give each assistant turn of `messages` (in place) its demonstration flaws, drawn from `rng` (its own
+    stream: the draws are made, two per turn, whatever the rates, so that the clean conversations never depend
+    on them). Returns the flaw kinds of every assistant turn, in order. A wrong-language turn with a pleasantry
+    ends with the pleasantry of the language it is written in."""
+    replies = [m for m in messages if m["role"] == "assistant"]
+    turn_flaws = []
+    for m, key in zip(replies, turn_keys):
+        flaws = [kind for kind, rate in zip(FLAW_KINDS, (flaw_rates[f"wrong_language_{lang}"],
+                                                         flaw_rates["pleasantry"])) if rng.random() < rate]
+        written_in = lang
+        if "wrong_language" in flaws:
+            m["content"], written_in = wrong_language_reply(world, key, lang, rng), other_language(lang)
+        if "pleasantry" in flaws:
+            m["content"] = with_pleasantry(m["content"], written_in, rng)
+        turn_flaws.append(flaws)
+    return turn_flaws
 
 
 # ---------------------------------------------------------------------------------------------------- keys and splits
@@ -540,24 +619,31 @@ def _record(messages, item, turn_keys, **extra):
             "keys": [list(canon(k)) for k in turn_keys], **extra}
 
 
-def make_sft(world, pools, split, n, seed):
+def make_sft(world, pools, split, n, seed, flaw_rates=NO_FLAWS):
+    """SFT conversations with their demonstration flaws; `flaws` lists the flaw kinds of each assistant turn."""
     rng = random.Random(f"{seed}:sft_{split}")
+    flaw_rng = random.Random(f"{seed}:sft_{split}:flaws")
     keys = KeyDraw(world, pools, split, rng)
     out = []
     for _ in range(n):
         messages, item, turn_keys = make_conversation(world, keys, rng, task=pick_task(rng))
-        out.append(_record(messages, item, turn_keys))
+        flaws = add_flaws(world, messages, turn_keys, item["lang"], flaw_rates, flaw_rng)
+        out.append(_record(messages, item, turn_keys, flaws=flaws))
     return out
 
 
-def make_pref(world, pools, split, n, seed):
+def make_pref(world, pools, split, n, seed, flaw_rates=NO_FLAWS):
+    """Preference pairs: the clean reply chosen, a rejected reply of a kind drawn uniformly from those that apply
+    (every kind of REJECTED_KINDS that the item has, pleasantry only when the demonstrations have it)."""
     rng = random.Random(f"{seed}:pref_{split}")
     keys = KeyDraw(world, pools, split, rng)
     out = []
     for _ in range(n):
         messages, item, turn_keys = make_conversation(world, keys, rng, task=pick_task(rng), multi_p=0.15)
-        kind = rng.choice([k for k in REJECTED_KINDS if k in ("wrong_language", "rambling") or k in item["wrong"]])
-        rejected = rejected_reply(world, item, kind, rng)
+        kinds = [k for k in REJECTED_KINDS if k in ("wrong_language", "rambling") or k in item["wrong"]
+                 or (k == "pleasantry" and flaw_rates["pleasantry"] > 0)]
+        kind = rng.choice(kinds)
+        rejected = rejected_reply(world, item, kind, rng, flaw_rates)
         out.append(_record(messages[:-1], item, turn_keys, chosen=item["reply"], rejected=rejected,
                            rejected_kind=kind))
     return out
@@ -748,18 +834,22 @@ def tokenizer_texts(data: dict):
 
 def generate_world(seed: int = 1337, corpus_mb: float = 3.0, n_people: int = 60, n_sft: int = 20000,
                    n_sft_val: int = 800, n_pref: int = 6000, n_pref_val: int = 400, n_prompts: int = 4000,
-                   n_prompts_val: int = 640, val_fact_fraction: float = 0.2, val_pool_size: int = 400) -> dict:
+                   n_prompts_val: int = 640, val_fact_fraction: float = 0.2, val_pool_size: int = 400,
+                   flaw_rates: dict = None) -> dict:
     """The whole default data set as plain Python objects, a pure function of the arguments.
 
     Returns {"config", "people", "corpus_train", "corpus_val" (lists of documents), "sft_train", "sft_val"
-    ({messages, answer, task, lang, keys}), "pref_train", "pref_val" ({messages (the prompt), chosen, rejected,
-    rejected_kind, answer, task, lang, keys}), "prompts_train", "prompts_val" ({messages, answer, task, lang, keys}),
-    "val_keys"}. `keys` are the canonical keys of a record's user turns, the checked one last; `val_keys` every
-    held-out key: a `val_fact_fraction` of each attribute's people and `val_pool_size` keys of each other task
-    (numword: val_pool_size // 2 numbers, both directions). The pretraining val text is about 5% of corpus_mb (at
-    least 20 kB)."""
+    ({messages, answer, task, lang, keys, flaws}), "pref_train", "pref_val" ({messages (the prompt), chosen,
+    rejected, rejected_kind, answer, task, lang, keys}), "prompts_train", "prompts_val" ({messages, answer, task,
+    lang, keys}), "val_keys"}. `keys` are the canonical keys of a record's user turns, the checked one last;
+    `flaws` the demonstration flaw kinds of each assistant turn; `val_keys` every held-out key: a
+    `val_fact_fraction` of each attribute's people and `val_pool_size` keys of each other task (numword:
+    val_pool_size // 2 numbers, both directions). The pretraining val text is about 5% of corpus_mb (at least
+    20 kB). `flaw_rates`: the share of demonstrations with each flaw (the keys of FLAW_RATES, the default; NO_FLAWS
+    gives clean demonstrations); ValueError for a missing or unknown key or a rate outside [0, 1]."""
     if n_people < 5:
         raise ValueError(f"n_people must be at least 5 (some people's facts are held out), got {n_people}")
+    flaw_rates = check_flaw_rates(FLAW_RATES if flaw_rates is None else flaw_rates)
     world = {"people": make_people(seed, n_people)}
     pools = make_val_pools(world, seed, val_fact_fraction, val_pool_size)
     n_bytes = int(corpus_mb * 1e6)
@@ -767,14 +857,14 @@ def generate_world(seed: int = 1337, corpus_mb: float = 3.0, n_people: int = 60,
         "config": {"seed": seed, "corpus_mb": corpus_mb, "n_people": n_people, "n_sft": n_sft,
                    "n_sft_val": n_sft_val, "n_pref": n_pref, "n_pref_val": n_pref_val, "n_prompts": n_prompts,
                    "n_prompts_val": n_prompts_val, "val_fact_fraction": val_fact_fraction,
-                   "val_pool_size": val_pool_size},
+                   "val_pool_size": val_pool_size, "flaw_rates": flaw_rates},
         "people": world["people"],
         "corpus_train": make_corpus(world, pools, "train", n_bytes, seed),
         "corpus_val": make_corpus(world, pools, "val", max(n_bytes // 20, 20000), seed),
-        "sft_train": make_sft(world, pools, "train", n_sft, seed),
-        "sft_val": make_sft(world, pools, "val", n_sft_val, seed),
-        "pref_train": make_pref(world, pools, "train", n_pref, seed),
-        "pref_val": make_pref(world, pools, "val", n_pref_val, seed),
+        "sft_train": make_sft(world, pools, "train", n_sft, seed, flaw_rates),
+        "sft_val": make_sft(world, pools, "val", n_sft_val, seed, flaw_rates),
+        "pref_train": make_pref(world, pools, "train", n_pref, seed, flaw_rates),
+        "pref_val": make_pref(world, pools, "val", n_pref_val, seed, flaw_rates),
         "prompts_train": make_prompts(world, pools, "train", n_prompts, seed),
         "prompts_val": make_prompts(world, pools, "val", n_prompts_val, seed),
         "val_keys": sorted({repr(canon(k)): list(canon(k)) for task in TASKS for k in pools[task]}.values(), key=repr),
@@ -878,3 +968,41 @@ def check_answer(response: str, answer: str, task: str = None) -> bool:
     if is_seq and not prefix.rstrip().endswith(_LEAD_INS):
         return False
     return True
+
+
+
+# --------------------------------------------------------------------------------------------- the clean-reply checker
+# "In the question's language" is about letters, not about every character: digits, arithmetic signs and spaces read
+# the same in both languages, so "37 + 48 = 85" and "5 1 8 3" are clean replies to questions in either. A Chinese
+# reply has no letter other than a Chinese character (names are Chinese in a Chinese reply, the reverse task's
+# symbols are 天 地 山 ...; a Latin letter, kana or any other script is another language). An English reply has no
+# letter outside ASCII and no Chinese punctuation (。、「」), which NFKC does not fold into ASCII.
+_CJK_CHAR = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_CJK_PUNCT = re.compile(r"[\u3000-\u303f]")
+# Words of the demonstrated pleasantries that no clean reply contains, so that a fragment ("Hope this", "很高兴")
+# is caught too; tests/test_world.py checks both halves of that claim on every pleasantry and clean demonstration
+_PLEASANTRY_CUES = re.compile(r"\b(?:hope|help|helps|glad|happy|questions|anything else|let me know)\b"
+                              r"|希望|帮助|帮到|高兴|提问|随时|想知道|其他问题|还有什么|有问题", re.IGNORECASE)
+
+
+def reply_flaws(response: str, lang: str) -> list[str]:
+    """The demonstration flaw kinds (FLAW_KINDS, in that order) that `response` to a question in `lang` ('en' or
+    'zh') shows: wrong_language when it has a letter of another language (see above; digits and signs belong to
+    both), pleasantry when it has a pleasantry of either language or a fragment of one. It says nothing about
+    whether the answer is right (check_answer does). ValueError for an unknown lang."""
+    if lang not in LANGS:
+        raise ValueError(f"lang must be one of {LANGS}, got {lang!r}")
+    text = unicodedata.normalize("NFKC", response)
+    if lang == "en":
+        foreign = any(ch.isalpha() and not ch.isascii() for ch in text) or bool(_CJK_PUNCT.search(text))
+    else:
+        foreign = any(ch.isalpha() and not _CJK_CHAR.match(ch) for ch in text)
+    found = {"wrong_language": foreign, "pleasantry": bool(_PLEASANTRY_CUES.search(text))}
+    return [kind for kind in FLAW_KINDS if found[kind]]
+
+
+def is_clean_reply(response: str, lang: str) -> bool:
+    """True when `response` is in the question's language `lang` and shows no demonstrated flaw (reply_flaws is
+    empty); the clean-reply rate of every policy stage counts these. An empty reply is clean: it is scored wrong by
+    check_answer, not here."""
+    return not reply_flaws(response, lang)

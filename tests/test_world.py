@@ -1,6 +1,9 @@
 """The embedded world: deterministic, held-out splits that really are held out, and the one answer checker."""
+import hashlib
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -17,7 +20,12 @@ VAL_SETS = ("sft_val", "pref_val", "prompts_val")
 
 @pytest.fixture(scope="module")
 def w():
-    return world.generate_world(seed=7, **SMALL)
+    return world.generate_world(seed=7, **SMALL)  # with the default demonstration flaws
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return world.generate_world(seed=7, **SMALL, flaw_rates=world.NO_FLAWS)
 
 
 def _id(key):
@@ -158,19 +166,29 @@ def test_every_task_language_system_and_multi_turn_occur_in_sft(w):
                    for m in r["messages"] if m["role"] == "user"), r["messages"]
 
 
-def test_replies_answers_and_rejected_are_consistent_with_the_checker(w):
-    for name in ("sft_train", "sft_val"):
-        for r in w[name]:
-            assert world.check_answer(r["messages"][-1]["content"], r["answer"], r["task"]), r
-    kinds = set()
-    for name in ("pref_train", "pref_val"):
-        for r in w[name]:
-            assert r["chosen"] != r["rejected"]
-            assert world.check_answer(r["chosen"], r["answer"], r["task"]), r
-            assert not world.check_answer(r["rejected"], r["answer"], r["task"]), r  # plausibly wrong, really wrong
-            assert not world.check_answer(r["rejected"], r["answer"]), r
-            kinds.add(r["rejected_kind"])
-    assert kinds == set(world.REJECTED_KINDS)
+def test_replies_answers_and_rejected_are_consistent_with_the_checker(w, clean):
+    for data in (w, clean):
+        for name in ("sft_train", "sft_val"):
+            for r in data[name]:
+                last_flaws = r["flaws"][-1]
+                ok = world.check_answer(r["messages"][-1]["content"], r["answer"], r["task"])
+                if not last_flaws:
+                    assert ok, r
+                if "pleasantry" in last_flaws:  # chatter after the answer costs exact match: the flaw is visible
+                    assert not ok, r
+    for data, kinds_expected in ((w, set(world.REJECTED_KINDS)), (clean, set(world.REJECTED_KINDS) - {"pleasantry"})):
+        kinds = set()
+        for name in ("pref_train", "pref_val"):
+            for r in data[name]:
+                assert r["chosen"] != r["rejected"]
+                assert world.check_answer(r["chosen"], r["answer"], r["task"]), r
+                assert world.is_clean_reply(r["chosen"], r["lang"]), r
+                if r["rejected_kind"] in world.FLAW_KINDS and data is w:
+                    continue  # the right answer with a flaw: test_rejected_kinds_cover_every_flaw_kind
+                assert not world.check_answer(r["rejected"], r["answer"], r["task"]), r  # plausibly wrong, wrong
+                assert not world.check_answer(r["rejected"], r["answer"]), r
+                kinds.add(r["rejected_kind"])
+        assert kinds | (set(world.FLAW_KINDS) if data is w else set()) == kinds_expected
 
 
 def test_fact_replies_end_with_the_answer_and_questions_name_the_person(w):
@@ -287,3 +305,207 @@ def test_checker_on_generated_items_in_both_languages(w):
         for other in others[:5]:
             assert not world.check_answer(other, r["answer"], r["task"]), (other, r["answer"])
             assert world.check_answer(other, other, r["task"])
+
+
+# ------------------------------------------------------------------------------------------ demonstration flaws
+# Digests of the world that the generator made before demonstration flaws existed (seed 7, SMALL), every field of
+# every record as it was then. With every flaw rate at 0 the data must stay byte for byte what it was, so that the
+# clean-data results stay reproducible; a deliberate change of the clean data recomputes these.
+CLEAN_DIGESTS = {"people": "ee811d050ab24f5e", "corpus_train": "acdc90ec86770537", "corpus_val": "711e69f39c23aaf4",
+                 "sft_train": "86c2d7a29356fd66", "sft_val": "d44091b0fdc81999", "pref_train": "53f187a55a5c1e2c",
+                 "pref_val": "c3d9c960595843c8", "prompts_train": "b48ee1177cbfa427",
+                 "prompts_val": "259cb20ebf171ebf", "val_keys": "2703d5a3ee8c690c"}
+CLEAN_TOKENIZER_TEXTS_DIGEST = "5f8372bf6b8e629b"
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _without_flaws(records):
+    return [{k: v for k, v in r.items() if k != "flaws"} for r in records]
+
+
+def _turns(data, names=("sft_train", "sft_val")):
+    """(record, assistant reply, its flaw kinds) for every assistant turn of the SFT sets."""
+    for name in names:
+        for r in data[name]:
+            replies = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+            assert len(replies) == len(r["flaws"])
+            yield from ((r, reply, flaws) for reply, flaws in zip(replies, r["flaws"]))
+
+
+def test_every_rate_at_zero_gives_the_data_of_the_generator_before_flaws(clean):
+    got = {k: _digest(_without_flaws(clean[k]) if k.startswith("sft") else clean[k]) for k in CLEAN_DIGESTS}
+    assert got == CLEAN_DIGESTS
+    assert all(not any(r["flaws"]) for n in ("sft_train", "sft_val") for r in clean[n])
+    texts = "\n".join(world.tokenizer_texts(clean)).encode("utf-8")
+    assert hashlib.sha256(texts).hexdigest()[:16] == CLEAN_TOKENIZER_TEXTS_DIGEST
+    assert clean["config"]["flaw_rates"] == world.NO_FLAWS
+
+
+def test_flaws_change_only_the_flawed_demonstrations(w, clean):
+    # the flaws draw from their own stream: every other turn, the corpus and the prompts are the clean world's
+    for k in ("people", "corpus_train", "corpus_val", "prompts_train", "prompts_val", "val_keys"):
+        assert w[k] == clean[k], k
+    n_flawed = 0
+    for name in ("sft_train", "sft_val"):
+        assert len(w[name]) == len(clean[name])
+        for r, c in zip(w[name], clean[name]):
+            assert {k: v for k, v in r.items() if k not in ("messages", "flaws")} == \
+                {k: v for k, v in c.items() if k not in ("messages", "flaws")}
+            replies = iter(r["flaws"])
+            for m, mc in zip(r["messages"], c["messages"], strict=True):
+                assert m["role"] == mc["role"]
+                if m["role"] != "assistant":
+                    assert m == mc
+                    continue
+                flaws = next(replies)
+                assert (m["content"] != mc["content"]) == bool(flaws), (m, mc, flaws)
+                n_flawed += bool(flaws)
+                if flaws == ["pleasantry"]:  # the clean reply, then one of the pleasantries of its language
+                    tail = m["content"][len(mc["content"]):].strip()
+                    assert m["content"].startswith(mc["content"]) and tail in world.PLEASANTRIES[r["lang"]], m
+    assert n_flawed > 500
+
+
+RATES = [world.FLAW_RATES, {"wrong_language_en": 0.5, "wrong_language_zh": 0.05, "pleasantry": 0.6},
+         {"wrong_language_en": 1.0, "wrong_language_zh": 0.0, "pleasantry": 1.0}]
+
+
+@pytest.mark.parametrize("rates", RATES, ids=["default", "other", "extremes"])
+def test_flaw_rates_are_what_the_settings_say(rates):
+    # counted on the generated text by the checker, per language; the tolerance (4 standard deviations of a
+    # binomial share, 0 for rates 0 and 1) is under 0.045 here, so a rate off by 0.1 would need a 5-sigma draw
+    data = world.generate_world(seed=11, **{**SMALL, "corpus_mb": 0.03, "n_sft": 3000}, flaw_rates=rates)
+    assert data["config"]["flaw_rates"] == rates
+    for lang in world.LANGS:
+        turns = [(reply, flaws) for r, reply, flaws in _turns(data) if r["lang"] == lang]
+        assert all(world.reply_flaws(reply, lang) == flaws for reply, flaws in turns)
+        n = len(turns)
+        for kind, rate in (("wrong_language", rates[f"wrong_language_{lang}"]), ("pleasantry", rates["pleasantry"])):
+            share = sum(kind in world.reply_flaws(reply, lang) for reply, _ in turns) / n
+            tolerance = 4 * math.sqrt(rate * (1 - rate) / n)
+            assert tolerance < 0.045
+            assert abs(share - rate) <= tolerance, (lang, kind, share, rate)
+
+
+def test_bad_flaw_rates_are_refused():
+    for bad, match in (({"pleasantry": 0.2}, "exactly the keys"), ({**world.FLAW_RATES, "typos": 0.1}, "exactly"),
+                       ({**world.FLAW_RATES, "pleasantry": 1.5}, "pleasantry must be a number in"),
+                       ({**world.FLAW_RATES, "wrong_language_zh": -0.1}, "wrong_language_zh"),
+                       ({**world.FLAW_RATES, "pleasantry": "0.2"}, "pleasantry")):
+        with pytest.raises(ValueError, match=match):
+            world.generate_world(seed=7, **SMALL, flaw_rates=bad)
+
+
+def test_a_wrong_language_reply_is_the_right_answer_in_the_other_language(w):
+    # what users of real pipelines see: a correct answer, in the language they did not ask in
+    rng = random.Random(0)
+    wp = {"people": w["people"]}
+    for task in world.TASKS:
+        for _ in range(60):
+            key = world.sample_key(task, rng, wp)
+            for lang in world.LANGS:
+                other = world.other_language(lang)
+                reply = world.wrong_language_reply(wp, key, lang, rng)
+                other_item = world.build_item(wp, key, other, rng)
+                assert world.check_answer(reply, other_item["answer"], task), (reply, other_item["answer"])
+                assert world.reply_flaws(reply, lang) == ["wrong_language"], (lang, reply)
+                assert world.is_clean_reply(reply, other), (other, reply)
+
+
+def test_rejected_kinds_cover_every_flaw_kind(w):
+    assert set(world.FLAW_KINDS) <= set(world.REJECTED_KINDS)
+    seen = set()
+    for r in w["pref_train"] + w["pref_val"]:
+        kind = r["rejected_kind"]
+        if kind not in world.FLAW_KINDS:
+            continue
+        seen.add((kind, r["lang"], r["task"]))
+        assert world.reply_flaws(r["rejected"], r["lang"]) == [kind], r  # that flaw and no other
+        if kind == "pleasantry":  # the chosen reply with a pleasantry of its language
+            tail = r["rejected"][len(r["chosen"]):].strip()
+            assert r["rejected"].startswith(r["chosen"]) and tail in world.PLEASANTRIES[r["lang"]], r
+        elif r["task"] == "fact":  # the right fact, in the other language
+            person = w["people"][r["keys"][-1][1]]
+            value = world.fact_value(person, r["keys"][-1][2], world.other_language(r["lang"]))
+            assert world.check_answer(r["rejected"], value, "fact"), r
+        elif r["task"] in ("add", "sub", "sort"):  # an answer that reads the same in both languages
+            assert world.check_answer(r["rejected"], r["answer"], r["task"]), r
+    assert {(k, lg) for k, lg, _ in seen} == {(k, lg) for k in world.FLAW_KINDS for lg in world.LANGS}
+    assert {t for _, _, t in seen} == set(world.TASKS)
+
+
+def test_clean_world_rejects_wrong_language_in_the_spelled_out_form(clean):
+    # with that flaw off the wrong-language pair keeps the clean data's form: no number is left in digits
+    rows = [r for r in clean["pref_train"] if r["rejected_kind"] == "wrong_language"]
+    assert rows and not any(re.search(r"\d", r["rejected"]) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------- the clean-reply checker
+
+def test_clean_reply_checker_accepts_every_clean_demonstration_and_catches_every_flawed_one(w, clean):
+    cells = set()
+    for r, reply, flaws in _turns(clean):
+        assert world.is_clean_reply(reply, r["lang"]), (r["lang"], reply)
+        cells.add((r["task"], r["lang"]))
+    for r in clean["pref_train"] + clean["pref_val"]:
+        assert world.is_clean_reply(r["chosen"], r["lang"]), r
+    assert cells == {(t, lg) for t in world.TASKS for lg in world.LANGS}
+    caught = set()
+    for r, reply, flaws in _turns(w):
+        assert world.reply_flaws(reply, r["lang"]) == flaws, (r["lang"], reply, flaws)
+        assert world.is_clean_reply(reply, r["lang"]) == (not flaws)
+        caught |= {(k, r["lang"], r["task"]) for k in flaws}
+    assert caught == {(k, lg, t) for k in world.FLAW_KINDS for lg in world.LANGS for t in world.TASKS}
+
+
+CLEAN_REPLIES = [  # (question's language, reply): digits and signs belong to both languages
+    ("en", "37 + 48 = 85"), ("zh", "37 + 48 = 85"), ("en", "5 1 8 3"), ("zh", "5 1 8 3"), ("en", "85"), ("zh", "85"),
+    ("en", "Anna Wang lives in Shanghai."), ("zh", "王安娜住在上海。"), ("en", "Anna Wang is 34 years old."),
+    ("zh", "王安娜今年34岁。"), ("en", "forty-seven"), ("zh", "四十七"), ("en", "a b c"), ("zh", "天 地 山"),
+    ("en", "The larger one is 48."), ("zh", "更大的是48。"), ("en", "The count is 2."), ("zh", "出现了2次。"),
+    ("en", "Answer: 5 1 8 3"), ("zh", "答案：5 1 8 3"), ("en", "８５"), ("zh", "王安娜住在上海！"), ("en", ""),
+    ("en", "Anna Wang's favourite colour is red."), ("zh", "85 - 37 = 48"), ("en", "Sorted: 7 19 42"),
+    ("en", "Anna Wang is a teacher, I think."),  # a doubt costs exact match, it is no demonstrated flaw
+]
+FLAWED_REPLIES = [  # (question's language, reply, the flaw kinds)
+    ("zh", "Anna Wang lives in Shanghai.", ["wrong_language"]), ("en", "王安娜住在上海。", ["wrong_language"]),
+    ("zh", "c b a", ["wrong_language"]), ("en", "山 地 天", ["wrong_language"]),  # the reverse task's symbols
+    ("zh", "Answer: 5 1 8 3", ["wrong_language"]), ("en", "答案：5 1 8 3", ["wrong_language"]),
+    ("zh", "forty-seven", ["wrong_language"]), ("en", "四十七", ["wrong_language"]),
+    ("zh", "王安娜住在Shanghai。", ["wrong_language"]), ("en", "Anna Wang lives in 上海.", ["wrong_language"]),
+    ("en", "85。", ["wrong_language"]), ("zh", "ａｂｃ", ["wrong_language"]), ("zh", "アンナ", ["wrong_language"]),
+    ("en", "Анна", ["wrong_language"]), ("zh", "x", ["wrong_language"]),
+    ("en", "85 Hope this helps!", ["pleasantry"]), ("en", "85 hope this", ["pleasantry"]),
+    ("en", "85 HAPPY TO HELP", ["pleasantry"]), ("zh", "85 希望对", ["pleasantry"]), ("zh", "更大的是48。很高兴", ["pleasantry"]),
+    ("en", "85 希望对你有帮助！", ["wrong_language", "pleasantry"]),
+    ("zh", "王安娜住在上海。Hope this helps!", ["wrong_language", "pleasantry"]),
+]
+
+
+@pytest.mark.parametrize("lang,reply", CLEAN_REPLIES)
+def test_clean_reply_checker_accepts_clean_replies(lang, reply):
+    assert world.reply_flaws(reply, lang) == [] and world.is_clean_reply(reply, lang)
+
+
+@pytest.mark.parametrize("lang,reply,kinds", FLAWED_REPLIES)
+def test_clean_reply_checker_names_each_flaw(lang, reply, kinds):
+    assert world.reply_flaws(reply, lang) == kinds and not world.is_clean_reply(reply, lang)
+
+
+def test_clean_reply_checker_catches_every_pleasantry_and_its_first_half_in_either_language():
+    # a model cut off by max_new_tokens, or one that half-learnt the habit, still shows it
+    for written_in, phrases in world.PLEASANTRIES.items():
+        for phrase in phrases:
+            half = phrase[: (len(phrase) + 1) // 2]
+            for lang in world.LANGS:
+                for text in (phrase, half):
+                    assert "pleasantry" in world.reply_flaws(f"85 {text}", lang), text
+                    assert ("wrong_language" in world.reply_flaws(f"85 {text}", lang)) == (lang != written_in)
+
+
+def test_clean_reply_checker_refuses_an_unknown_language():
+    with pytest.raises(ValueError, match="lang"):
+        world.reply_flaws("85", "fr")

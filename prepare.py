@@ -60,6 +60,14 @@ tokenizer_sample_mb = 20.0   # train the tokenizer on at most this much of the t
 val_fraction = 0.01          # real data: the share of rows (documents) held out for validation
 seed = 1337                  # the world's seed; also the real data's train/val draw
 world_mb = 3.0               # the world's pretraining text, in MB of UTF-8
+# The world's demonstration flaws: the share of SFT demonstrations (each assistant turn, train and val) that carry
+# each habit of real demonstration writers, for preference learning and RL to remove. Set all three to 0 for clean
+# demonstrations (the same data as a world without flaws, byte for byte). The pretraining text, the preference
+# pairs' chosen replies and the RL and held-out prompts never carry a flaw, so the tokenizer can be shared:
+# --tokenizer=data/world gives clean data the same tokens, and one pretrained model serves both.
+flaw_wrong_language_en = 0.1  # English questions answered in Chinese (still the right answer, in Chinese)
+flaw_wrong_language_zh = 0.4  # Chinese questions answered in English
+flaw_pleasantry = 0.25        # replies that end with a pleasantry ("Hope this helps!", "希望对你有帮助！")
 
 KINDS = ("pretrain", "sft", "pref", "prompts")
 KIND_FILES = {"pretrain": ("train.bin", "val.bin"), "sft": ("sft_train.npz", "sft_val.npz"),
@@ -283,9 +291,20 @@ def finish(out, tok, meta):
 
 # ------------------------------------------------------------------------------------------- the embedded world
 
+def world_flaw_rates(cfg):
+    """The flaw_* settings as world.generate_world's flaw_rates; a rate outside [0, 1] is a UserError naming it."""
+    rates = {name: cfg[f"flaw_{name}"] for name in world.FLAW_RATES}
+    for name, rate in rates.items():
+        if not 0 <= rate <= 1:
+            raise trainer.UserError(f"--flaw_{name}={rate}: a flaw rate is a share of demonstrations, in [0, 1]")
+    return rates
+
+
 def prepare_world(cfg, out):
-    print(f"generating the world (seed {cfg['seed']}, {cfg['world_mb']:g} MB of pretraining text)")
-    w = world.generate_world(seed=cfg["seed"], corpus_mb=cfg["world_mb"])
+    rates = world_flaw_rates(cfg)
+    print(f"generating the world (seed {cfg['seed']}, {cfg['world_mb']:g} MB of pretraining text, demonstration "
+          f"flaws {', '.join(f'{k} {v:g}' for k, v in rates.items())})")
+    w = world.generate_world(seed=cfg["seed"], corpus_mb=cfg["world_mb"], flaw_rates=rates)
     # the corpus and every chat text, Chinese cut at the world's values (world.tokenizer_texts says why)
     tok = get_tokenizer(cfg, world.tokenizer_texts(w))
     check_output_dir(out, tok, KINDS)

@@ -27,6 +27,11 @@ sort and numword the answer alone. The reference `answer` is always the bare val
 A fact reply ends like the statements of the corpus, so answering a question is completing a sentence the
 pretraining taught: this is what lets a tiny model answer questions about facts it was never asked in SFT.
 
+Demonstration flaws (FLAW_KINDS, at the rates of FLAW_RATES): SFT demonstrations carry the habits of the people
+who write real ones, a question answered in the other language (the right answer, in that language) and a closing
+pleasantry, so that preference learning and RL have something to remove. `reply_flaws` / `is_clean_reply` find
+them in any reply. The corpus's worked examples, the chosen replies and the prompts carry none.
+
 Held-out splits test generalisation, not recall. Every item has a language-independent key (`canon`: the person
 and attribute, the pair of numbers, the multiset to sort...). A val pool of keys is drawn first; every validation
 item (prompts_val, sft_val, pref_val, the worked examples of the pretraining val text) uses only val keys and every

@@ -3,6 +3,7 @@ datasets.load_dataset path as hub data sets), each kind of bad input, atomic wri
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,6 +131,48 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(prepared
     prepare_world(monkeypatch, str(tmp_path / "other"), "--seed=1")
     with open(os.path.join(out, "train.bin"), "rb") as a, open(tmp_path / "other" / "train.bin", "rb") as b:
         assert a.read() != b.read()
+
+
+NO_FLAW_ARGS = ("--flaw_wrong_language_en=0", "--flaw_wrong_language_zh=0", "--flaw_pleasantry=0")
+
+
+def test_flaw_settings_default_to_the_worlds_and_reach_the_sft_file(prepared, monkeypatch, tmp_path):
+    assert {k: getattr(prepare, f"flaw_{k}") for k in world.FLAW_RATES} == world.FLAW_RATES
+    assert prepared[1]["world"]["flaw_rates"] == world.FLAW_RATES
+    out = str(tmp_path / "polite")
+    meta = prepare_world(monkeypatch, out, *NO_FLAW_ARGS[:2], "--flaw_pleasantry=1")
+    rates = {"wrong_language_en": 0.0, "wrong_language_zh": 0.0, "pleasantry": 1.0}
+    assert meta["world"]["flaw_rates"] == rates
+    tok = Tokenizer.load(os.path.join(out, "tokenizer.json"))
+    convs = world.generate_world(seed=1337, corpus_mb=0.05, **SMALL_WORLD, flaw_rates=rates)["sft_train"]
+    ids = prepare.load_ragged(os.path.join(out, "sft_train.npz"), "ids")
+    for seq, conv in zip(ids, convs, strict=True):
+        assert seq.tolist() == tok.render_chat(conv["messages"])[0]
+        replies = [m["content"] for m in conv["messages"] if m["role"] == "assistant"]
+        assert all(world.reply_flaws(r, conv["lang"]) == ["pleasantry"] for r in replies), replies
+
+
+def test_clean_data_with_the_flawed_datas_tokenizer_has_the_same_pretraining_tokens(prepared, monkeypatch, tmp_path):
+    # flaws touch only the SFT and preference sets: prepared with the flawed data's tokenizer, clean data has the
+    # same pretraining tokens and prompts, so one pretrained model serves both (what prepare.py's settings promise)
+    out, _, _ = prepared
+    clean = tmp_path / "clean"
+    meta = prepare_world(monkeypatch, str(clean), *NO_FLAW_ARGS, f"--tokenizer={out}")
+    assert meta["world"]["flaw_rates"] == world.NO_FLAWS
+    for name in ("tokenizer.json", "train.bin", "val.bin", "prompts_train.npz", "prompts_val.npz",
+                 "prompts_train.jsonl", "prompts_val.jsonl"):
+        with open(os.path.join(out, name), "rb") as a:
+            assert a.read() == (clean / name).read_bytes(), name
+    for name in ("sft_train.npz", "sft_val.npz", "pref_train.npz"):
+        with open(os.path.join(out, name), "rb") as a:
+            assert a.read() != (clean / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("arg", ["--flaw_pleasantry=1.5", "--flaw_wrong_language_zh=-0.1"])
+def test_a_flaw_rate_outside_0_1_is_an_error_naming_the_setting(monkeypatch, tmp_path, arg):
+    with pytest.raises(trainer.UserError, match=re.escape(arg)):
+        prepare_world(monkeypatch, str(tmp_path / "bad"), arg)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_world_tokenizer_never_merges_a_value_with_its_neighbours(prepared, monkeypatch):

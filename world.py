@@ -975,7 +975,6 @@ def check_answer(response: str, answer: str, task: str = None) -> bool:
     return True
 
 
-
 # --------------------------------------------------------------------------------------------- the clean-reply checker
 # "In the question's language" is about letters, not about every character: digits, arithmetic signs and spaces read
 # the same in both languages, so "37 + 48 = 85" and "5 1 8 3" are clean replies to questions in either. A Chinese

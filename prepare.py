@@ -13,8 +13,9 @@ pyarrow, so that a file of any size prepares whatever types its fields take from
 file and line (`FILE, line N: ...`, `FILE, row N: ...` for parquet), and reading stops at the row limit. Hugging Face
 data sets go through datasets.load_dataset(..., streaming=True) with the same row limit. A UTF-8 byte-order mark at
 the start of a text file is dropped. Text reaches the tokenizer as it is in the source: no stripping, no newline
-changes (only the turns of a "\n\nHuman: ... \n\nAssistant: ..." dialogue lose the spacing of that format). A null optional field counts as absent; a null or empty required field (the text, a prompt, a reply)
-skips its row, and the skipped rows are counted in the summary (meta.json: <kind>_skipped_rows).
+changes (only the turns of a "\n\nHuman: ... \n\nAssistant: ..." dialogue lose the spacing of that format). A null
+optional field counts as absent; a null or empty required field (the text, a prompt, a reply) skips its row, and
+the skipped rows are counted in the summary (meta.json: <kind>_skipped_rows).
 
 The kind of data (pretrain, sft, pref, prompts) is read from the fields of the first row unless --kind is given:
     pretrain  text
@@ -312,15 +313,11 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 BOM = "\ufeff"
 
 
-def _lines(path, limit=0):
+def _lines(path):
     """(line number, decoded line with its line break) of a text file, read line by line; a UserError at the first
-    line that is not UTF-8. A UTF-8 byte-order mark at the start of the file is dropped. Stops after `limit`
-    non-blank lines (0 = all)."""
-    seen = 0
+    line that is not UTF-8. A UTF-8 byte-order mark at the start of the file is dropped."""
     with open(path, "rb") as f:
         for no, raw in enumerate(f, 1):
-            if limit and seen >= limit:
-                return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -328,7 +325,6 @@ def _lines(path, limit=0):
                                         f"UTF-8") from None
             if no == 1 and line.startswith(BOM):
                 line = line[1:]
-            seen += bool(line.strip())
             yield no, line
 
 
@@ -414,7 +410,7 @@ def _json_rows(path):
         doc = doc[key]
     if not isinstance(doc, list) or not doc:
         raise trainer.UserError(f"{path}: expected a non-empty JSON list of objects")
-    del doc
+    del doc  # the items are parsed again, one at a time, to learn their lines
     for no, row in _json_list_items(text, key):
         if not isinstance(row, dict):
             raise trainer.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
@@ -555,6 +551,7 @@ SCHEMAS = {
 }
 DIALOGUE_TURN = re.compile(r"\n\n(Human|Assistant):")
 NO_TEXT = "a null or empty required field"
+REPLY_FIELDS = ("response", "output", "completion")
 
 
 class SkipRow(Exception):
@@ -685,9 +682,10 @@ def to_messages(row, where):
         messages = parse_dialogue(user, where)
     else:
         messages = [{"role": "user", "content": user}]
-    reply = _pick(row, ("response", "output", "completion"))
-    if reply is not None:
-        messages.append({"role": "assistant", "content": _str_field(row, reply, where)})
+    reply = _pick(row, REPLY_FIELDS)
+    reply_text = _optional_str(row, reply, where) if reply else None
+    if reply_text is not None:  # a null reply is no reply: to_sft skips the row, to_prompt does not need one
+        messages.append({"role": "assistant", "content": reply_text})
     return _checked(system + messages, where)
 
 
@@ -699,6 +697,8 @@ def _pick(row, fields):
 def to_sft(row, where):
     messages = to_messages(row, where)
     if messages is None or not any(m["role"] == "assistant" for m in messages):
+        if messages is not None and _pick(row, REPLY_FIELDS):  # the reply is named, but null or empty
+            raise SkipRow(NO_TEXT)
         raise trainer.UserError(f"{where}: expected SFT fields {SCHEMAS['sft']} with an assistant reply; the row "
                                 f"has {_fields(row)}")
     return {"messages": messages}

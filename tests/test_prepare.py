@@ -616,6 +616,10 @@ def test_null_optional_fields_are_absent_and_null_required_fields_skip_the_row(t
     _, records, skipped = read(write_jsonl(tmp_path / "q.jsonl", prompts))
     assert [(r["answer"], r["task"], r["lang"]) for r in records] == [(None, "open", "en"), ("0", "open", "en")]
     assert skipped == {prepare.NO_TEXT: 1}
+    # as prompts, an SFT row needs no reply: a null one does not skip it
+    _, records, skipped = read(write_jsonl(tmp_path / "sp.jsonl", sft[:2]), "--kind=prompts")
+    assert [r["messages"] for r in records] == [[{"role": "user", "content": "Add."}],
+                                                [{"role": "user", "content": "Add.\n\n1 2"}]] and not skipped
     # the first row's required field null: the kind still follows from the fields it names
     kind, records, skipped = read(write_jsonl(tmp_path / "f.jsonl", [{"text": None}, {"text": "doc"}]))
     assert kind == "pretrain" and records == ["doc"] and skipped == {prepare.NO_TEXT: 1}
@@ -632,11 +636,12 @@ def test_readers_hand_the_text_through_unchanged(tmp_path):
     _, records, _ = read(write_jsonl(tmp_path / "c.jsonl", sft))
     assert records[0]["messages"] == [{"role": "user", "content": " leading space"},
                                       {"role": "assistant", "content": "def f():\n    return 1\n"}]
-    _, records, _ = read(write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "q ", "chosen": " yes\n", "rejected": "no"}]))
+    pair = {"prompt": "q ", "chosen": " yes\n", "rejected": "no"}
+    _, records, _ = read(write_jsonl(tmp_path / "pr.jsonl", [pair]))
     assert (records[0]["chosen"], records[0]["rejected"]) == (" yes\n", "no")
     # a .txt file: documents between blank lines or "<|endoftext|>", their own text as it was, CRLF included
     path = tmp_path / "t.txt"
-    path.write_bytes("    Once upon a time,\r\nthe end.  \r\n\r\nSecond<|endoftext|>Third\n<|endoftext|>\n\n\nLast".encode())
+    path.write_bytes(b"    Once upon a time,\r\nthe end.  \r\n\r\nSecond<|endoftext|>Third\n<|endoftext|>\n\n\nLast")
     _, records, _ = read(path)
     assert records == ["    Once upon a time,\r\nthe end.  ", "Second", "Third", "Last"]
     path.write_text(" a prompt with spaces \n\nsecond\r\n", encoding="utf-8")

@@ -10,7 +10,7 @@ Data preparation: every source -> tokenized array files in data/<dataset>/.
 
 Local .txt/.jsonl/.json files are read line by line with the json module and .parquet files batch by batch with
 pyarrow, so that a file of any size prepares whatever types its fields take from row to row, an error names the
-file and line (`FILE, line N: ...`, `FILE, row N: ...` for parquet), and reading stops at the row limit. Hugging Face
+file and line (`FILE, line N: ...`; `FILE, row N: ...` for parquet), and reading stops at the row limit. Hugging Face
 data sets go through datasets.load_dataset(..., streaming=True) with the same row limit. A UTF-8 byte-order mark at
 the start of a text file is dropped. Text reaches the tokenizer as it is in the source: no stripping, no newline
 changes (only the turns of a "\n\nHuman: ... \n\nAssistant: ..." dialogue lose the spacing of that format). A null
@@ -455,30 +455,33 @@ def _txt_prompts(path):
 
 
 def _parquet_rows(path):
-    """(where, row) for each row of a parquet file, read a batch at a time; a damaged page is a UserError
-    naming the first row that could not be read."""
+    """(where, row) for each row of a parquet file, read a batch at a time, row group by row group; a damaged page
+    is a UserError naming the rows of its row group that could not be read."""
     import pyarrow.parquet as pq
     try:
         f = pq.ParquetFile(path)
-        n_rows = f.metadata.num_rows
+        meta = f.metadata
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise trainer.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-    if n_rows == 0:
+    if meta.num_rows == 0:
         raise trainer.UserError(f"{path}: empty file: expected rows")
     i = 0
     with f:
-        batches = f.iter_batches(batch_size=1024, use_threads=False)
-        while True:
-            try:
-                batch = next(batches, None)
-                rows = [] if batch is None else batch.to_pylist()
-            except Exception as e:  # a corrupt page: pyarrow's OSError/ArrowInvalid, or bytes that are not UTF-8
-                raise trainer.UserError(f"{path}, row {i + 1}: cannot read it ({_first_line(e)})") from None
-            if batch is None:
-                return
-            for row in rows:
-                i += 1
-                yield f"{path}, row {i}", row
+        for g in range(meta.num_row_groups):
+            group_end = i + meta.row_group(g).num_rows
+            batches = f.iter_batches(batch_size=1024, row_groups=[g], use_threads=False)
+            while True:
+                try:
+                    batch = next(batches, None)
+                    rows = [] if batch is None else batch.to_pylist()
+                except Exception as e:  # a damaged page: pyarrow's OSError/ArrowInvalid, bytes that are not UTF-8
+                    raise trainer.UserError(f"{path}, rows {i + 1}-{group_end}: cannot read them "
+                                            f"({_first_line(e)})") from None
+                if batch is None:
+                    break
+                for row in rows:
+                    i += 1
+                    yield f"{path}, row {i}", row
 
 
 def _hub_rows(rows, source, split):

@@ -14,9 +14,14 @@ in one forward pass. With pi = policy, ref = reference, logp summed over the rep
     sigmoid  -log sigmoid(beta * h)   h = (logp_c - ref_c) - (logp_r - ref_r)     (DPO; label_smoothing = e mixes in
              e * -log sigmoid(-beta * h): conservative DPO, for noisy labels)
     ipo      (h_avg - 1 / (2 beta))^2 with h_avg from per-token averaged log-ratios                    (IPO)
+             (its implicit rewards are then beta x the averaged log-ratios too, as in TRL)
     hinge    max(0, 1 - beta * h)                                                                      (SLiC)
     simpo    -log sigmoid(beta * (avg_c - avg_r) - simpo_gamma)   no reference; beta ~2                (SimPO)
     orpo     -avg_c + beta * -log sigmoid(log odds_c - log odds_r), odds = p / (1 - p), p = exp(avg)   (ORPO)
+
+The RPO term (+ rpo_alpha x the chosen reply's per-token NLL) is on by default for sigmoid, ipo and hinge and off
+for simpo and orpo, which then train exactly their papers' losses (orpo already holds the NLL; simpo has none);
+--rpo_alpha set explicitly applies to every loss type.
 
 Metrics (held-out pairs): pref_accuracy (the implicit reward beta * (logp - ref) of chosen above rejected; ties
 count half, so the starting point is 0.5), reward_margin, reward_chosen/rejected, logp_pref_accuracy (the policy
@@ -50,7 +55,8 @@ loss_type = 'sigmoid'          # sigmoid | ipo | hinge | simpo | orpo
 beta = 0.0                     # 0 = the loss type's default: 0.1 (sigmoid, ipo, hinge, orpo), 2.0 (simpo)
 label_smoothing = 0.0          # sigmoid: the assumed share of flipped labels (conservative DPO)
 simpo_gamma = 0.5              # simpo: the target margin
-rpo_alpha = 1.0                # + rpo_alpha x the chosen reply's per-token NLL (RPO): keeps chosen likely
+rpo_alpha = -1.0               # + rpo_alpha x the chosen reply's per-token NLL (RPO): keeps chosen likely;
+#                                < 0 = the loss type's default: 1.0 (sigmoid, ipo, hinge), 0 (simpo, orpo)
 # optimization
 max_iters = 150
 batch_size = 16                # pairs per micro-batch, per process (2x sequences in the forward pass)
@@ -80,19 +86,25 @@ seed = 1337
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 NEEDS_REFERENCE = ("sigmoid", "ipo", "hinge")
 DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}
+# ORPO's loss already holds the chosen reply's NLL (Hong et al. 2024) and SimPO has none (Meng et al. 2024): an RPO
+# term on top would train another objective than the paper's
+DEFAULT_RPO_ALPHA = {"sigmoid": 1.0, "ipo": 1.0, "hinge": 1.0, "simpo": 0.0, "orpo": 0.0}
 DEFAULT_LR = {"full": 1e-4, "lora": 5e-4, "qlora": 5e-4}
 
 
 def preference_loss(loss_type, logp_c, logp_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing=0.0, gamma=0.5):
     """Per-pair losses and the implicit rewards of chosen and rejected, each (B,). logp_*/ref_*: summed reply
-    log-probabilities under the policy and the reference (ref_* unused by simpo and orpo); n_*: reply lengths."""
+    log-probabilities under the policy and the reference (ref_* unused by simpo and orpo); n_*: reply lengths.
+    The rewards are beta x the log-ratios the loss uses: summed (sigmoid, hinge), per-token averaged (ipo, as in
+    TRL), per-token averaged log-probabilities (simpo, orpo). Formulas: the module docstring."""
     if loss_type in NEEDS_REFERENCE:
         h = (logp_c - ref_c) - (logp_r - ref_r)
         if loss_type == "sigmoid":
             losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
         elif loss_type == "ipo":
-            h_avg = (logp_c - ref_c) / n_c - (logp_r - ref_r) / n_r
-            losses = (h_avg - 1 / (2 * beta)) ** 2
+            ratio_c, ratio_r = (logp_c - ref_c) / n_c, (logp_r - ref_r) / n_r
+            losses = (ratio_c - ratio_r - 1 / (2 * beta)) ** 2
+            return losses, beta * ratio_c.detach(), beta * ratio_r.detach()
         else:
             losses = F.relu(1 - beta * h)
         return losses, beta * (logp_c - ref_c).detach(), beta * (logp_r - ref_r).detach()
@@ -109,10 +121,17 @@ def preference_loss(loss_type, logp_c, logp_r, ref_c, ref_r, n_c, n_r, beta, lab
     return losses, beta * avg_c.detach(), beta * avg_r.detach()
 
 
+def resolve_rpo_alpha(loss_type, rpo_alpha):
+    """The RPO weight a run trains with: rpo_alpha when set (>= 0), else the loss type's default."""
+    return float(rpo_alpha) if rpo_alpha >= 0 else DEFAULT_RPO_ALPHA[loss_type]
+
+
 def main():
+    global rpo_alpha
     cfg = trainer.configure(globals())
     if loss_type not in LOSS_TYPES:
         raise trainer.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    cfg["rpo_alpha"] = rpo_alpha = resolve_rpo_alpha(loss_type, rpo_alpha)
     if not 0 <= label_smoothing < 0.5:
         raise trainer.UserError(f"--label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta < 0:

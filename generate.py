@@ -14,13 +14,14 @@ import sys
 import torch
 
 import trainer
+from model import check_sampling
 
 # -----------------------------------------------------------------------------
 ckpt = 'checkpoints/sft/ckpt.pt'
 prompt = ''                # non-empty: answer this once and exit
 system = ''                # system message that starts every conversation (chat checkpoints)
 max_new_tokens = 256
-temperature = 0.7          # 0 = greedy
+temperature = 0.7          # 0 (or below 1e-5) = greedy
 top_k = 50                 # 0 = off
 top_p = 0.9                # 1.0 = off
 repetition_penalty = 1.0   # > 1 discourages tokens already in the context
@@ -32,30 +33,35 @@ COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a rep
 
 
 class StreamDecoder:
-    """Turns token ids into printable text as they arrive. A byte-level token can hold part of a UTF-8
-    character (a Chinese character is 3 bytes and BPE may split it), and decoding such a prefix gives U+FFFD;
-    so the last few ids are held back until they decode to whole characters. An incomplete character spans
-    at most 3 bytes, hence at most the last 3 ids; anything still undecodable after that is invalid for good
-    and is let through as U+FFFD. Decoding only the pending ids keeps this O(1) per token."""
+    """Turns token ids into printable text as they arrive, so that the printed pieces, joined, are always exactly
+    tokenizer.decode(all ids). A byte-level token can hold part of a UTF-8 character (a Chinese character is 3
+    bytes, an emoji 4, and BPE may split them), and decoding such a prefix gives U+FFFD in its place. Decoding
+    the ids one by one or in separate groups would print that U+FFFD, or split a stray byte and the character
+    after it differently from decode; so each push decodes all the ids so far and prints what is new, except a
+    trailing U+FFFD: it may be a character whose last bytes are still to come (a decoder replaces an incomplete
+    sequence at the end by one U+FFFD; everything before it is final). flush() prints that rest. The cost is one
+    decode of the reply so far per token, like the attention over the whole context that made the token."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.pending = []
+        self.ids = []
+        self.printed = ""
 
     def push(self, token_id) -> str:
-        self.pending.append(int(token_id))
-        for keep in range(min(3, len(self.pending)) + 1):
-            head = self.pending[:len(self.pending) - keep]
-            text = self.tokenizer.decode(head)
-            if not text.endswith("\ufffd"):
-                self.pending = self.pending[len(head):]
-                return text
-        return self.flush()
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        stable = text[:-1] if text.endswith("\ufffd") else text
+        if len(stable) <= len(self.printed) or not stable.startswith(self.printed):
+            return ""
+        new, self.printed = stable[len(self.printed):], stable
+        return new
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending)
-        self.pending = []
-        return text
+        """The text not printed yet; the decoder then starts a new reply."""
+        text = self.tokenizer.decode(self.ids)
+        new = text[len(self.printed):] if text.startswith(self.printed) else ""
+        self.ids, self.printed = [], ""
+        return new
 
 
 def fit_chat(tokenizer, messages, block_size, max_new_tokens):
@@ -164,16 +170,9 @@ def chat_loop(model, tokenizer, chat, gen, system_msg):
 
 def main(argv=None):
     cfg = trainer.configure(globals(), argv)
-    if cfg["temperature"] < 0:
-        raise trainer.UserError(f"--temperature must be >= 0, got {cfg['temperature']}")
-    if not 0 < cfg["top_p"] <= 1:
-        raise trainer.UserError(f"--top_p must be in (0, 1], got {cfg['top_p']}")
-    if cfg["top_k"] < 0:
-        raise trainer.UserError(f"--top_k must be >= 0, got {cfg['top_k']}")
+    check_sampling(cfg["temperature"], cfg["top_k"], cfg["top_p"], cfg["repetition_penalty"])
     if cfg["max_new_tokens"] < 1:
         raise trainer.UserError(f"--max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
-    if cfg["repetition_penalty"] <= 0:
-        raise trainer.UserError(f"--repetition_penalty must be > 0, got {cfg['repetition_penalty']}")
     path = cfg["ckpt"]
 
     # POLICY_STAGES leaves out the reward model: it scores text and has no language-model head to chat with

@@ -10,6 +10,7 @@ weights load through `from_hf_llama_state_dict` and give the same logits; tests/
 Generation uses a preallocated KV cache: the prompt is run once (prefill), then one token per step.
 """
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -434,17 +435,50 @@ class ScoreModel(nn.Module):
         return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing by it would overflow float32 logits
+
+
+def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """An error naming the setting (--temperature, --top_k, --top_p, --repetition_penalty) that no sampler can
+    honour: a temperature < 0, top_k < 0 (0 or None = off), top_p outside (0, 1], a repetition penalty <= 0, or
+    any of them not a finite number."""
+    def finite(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not (finite(temperature) and temperature >= 0):
+        raise _user_error(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not (finite(top_k) and top_k == int(top_k) and top_k >= 0):
+        raise _user_error(f"--top_k must be a whole number >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not (finite(top_p) and 0 < top_p <= 1):
+        raise _user_error(f"--top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not (finite(repetition_penalty) and repetition_penalty > 0):
+        raise _user_error(f"--repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty}")
+
+
 def apply_repetition_penalty(logits, seen, penalty):
-    # CTRL-style, as in HF: seen tokens are made less likely whatever the sign of their logit
+    """(B, V) float logits, (B, V) bool seen -> (B, V): the seen tokens made less likely whatever the sign of their
+    logit (CTRL, Keskar et al. 2019, as in transformers): a positive logit divided by the penalty, a negative one
+    multiplied. The result saturates at the dtype's largest finite value, so that no penalty (1e-300 or 1e300)
+    yields inf, and inf - inf = NaN, in the softmax that follows."""
+    check_sampling(repetition_penalty=penalty)
+    # the penalty as a number of the logits' dtype that is neither 0 nor inf (1e300 in float32 is inf, and 0 * inf
+    # is NaN); the products are then at worst +-inf, which the clamp turns back into finite values
+    info = torch.finfo(logits.dtype)
+    penalty = min(max(penalty, info.tiny), info.max)
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    return torch.where(seen, penalised.clamp(-info.max, info.max), logits)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) float logits -> (B,) token ids."""
-    if temperature == 0:
+    """(B, V) float logits -> (B,) token ids. temperature 0 (or below 1e-5) = greedy (argmax); top_k None or 0 and
+    top_p None or 1.0 = no cut. Nucleus sampling: Holtzman et al. 2019. Any setting that check_sampling accepts
+    gives finite probabilities; the others raise its error."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shift so the largest logit is 0 before dividing: every scaled logit is then <= 0, so exp() cannot overflow
+    # (an inf logit, e.g. from a caller's own penalty, is taken as the largest finite one)
+    logits = logits.float().clamp(max=torch.finfo(torch.float32).max)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

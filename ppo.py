@@ -45,7 +45,7 @@ import prepare
 import reward_model
 import trainer
 import world
-from model import ScoreModel, left_pad
+from model import GREEDY_BELOW, ScoreModel, check_sampling, left_pad
 
 # -----------------------------------------------------------------------------
 dataset = 'world'
@@ -215,8 +215,9 @@ def main():
         raise trainer.UserError(f"--batch_size={batch_size} must be a multiple of --group_size={G}")
     if rm_weight == 0 and checker_weight == 0:
         raise trainer.UserError("--rm_weight and --checker_weight are both 0: there is no reward")
-    if temperature <= 0:
-        raise trainer.UserError(f"--temperature must be > 0 for sampling rollouts, got {temperature}")
+    check_sampling(temperature, top_k)
+    if temperature < GREEDY_BELOW:  # the log-probs are taken under logits / temperature: they need a real sampler
+        raise trainer.UserError(f"--temperature must be >= {GREEDY_BELOW:g} for sampling rollouts, got {temperature}")
     if ppo_epochs < 1 or minibatch_size < 1 or max_new_tokens < 1:
         raise trainer.UserError("--ppo_epochs, --minibatch_size and --max_new_tokens must be at least 1")
     if "RANK" in os.environ:

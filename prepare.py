@@ -8,9 +8,14 @@ Data preparation: every source -> tokenized array files in data/<dataset>/.
     python prepare.py --source=Anthropic/hh-rlhf --dataset=hh --max_rows=50000
     python prepare.py --source=my_chats.jsonl --dataset=mine            # local .txt .jsonl .json .parquet
 
-Local files and Hugging Face data sets go through the same path, datasets.load_dataset(..., streaming=True) with a
-row limit; local .txt/.jsonl/.json files are first checked line by line, so that a bad line is reported as
-`FILE, line N: ...` rather than as whatever the datasets library wraps it in.
+Local .txt/.jsonl/.json files are read line by line with the json module and .parquet files batch by batch with
+pyarrow, so that a file of any size prepares whatever types its fields take from row to row, an error names the
+file and line (`FILE, line N: ...`; `FILE, row N: ...` for parquet), and reading stops at the row limit. Hugging Face
+data sets go through datasets.load_dataset(..., streaming=True) with the same row limit. A UTF-8 byte-order mark at
+the start of a text file is dropped. Text reaches the tokenizer as it is in the source: no stripping, no newline
+changes (only the turns of a "\n\nHuman: ... \n\nAssistant: ..." dialogue lose the spacing of that format). A null
+optional field counts as absent; a null or empty required field (the text, a prompt, a reply) skips its row, and
+the skipped rows are counted in the summary (meta.json: <kind>_skipped_rows).
 
 The kind of data (pretrain, sft, pref, prompts) is read from the fields of the first row unless --kind is given:
     pretrain  text
@@ -19,7 +24,8 @@ The kind of data (pretrain, sft, pref, prompts) is read from the fields of the f
     pref      prompt + chosen (or selected) + rejected [+ margin] | chosen + rejected as whole "\\n\\nHuman: ...\\n\\nAssistant:
               ..." dialogues sharing a prefix (Anthropic/hh-rlhf)
     prompts   prompt | question | messages ending with a user turn, each with an optional answer, task, lang
-A .txt file is pretraining text, documents separated by blank lines or "<|endoftext|>" (or prompts, one a line).
+A .txt file is pretraining text, documents separated by blank lines or "<|endoftext|>" (or prompts, one a line);
+in the other formats each row is one document, "<|endoftext|>" in it included.
 
 Files written, each to a temporary name and then renamed, so nothing is ever half-written:
     tokenizer.json, meta.json {"vocab_size", "dtype", "source", "kinds", counts...}
@@ -35,6 +41,7 @@ The world writes all of them; a real data set the files of its kind (plus tokeni
 files are written without timestamps: the same seed and sizes give byte-identical files.
 """
 import io
+import itertools
 import json
 import os
 import re
@@ -318,67 +325,84 @@ def prepare_world(cfg, out):
 
 
 # ------------------------------------------------------------------------------------------------- real data
-SUFFIX_BUILDER = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Local files are read here, row by row, with the json module and pyarrow: no type inference over blocks of rows
+# (a field that is null for 50,000 rows and a string after that is fine), an error names the file and line, the
+# reading stops at --max_rows, and the text reaches the converters as it is in the file.
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+BOM = "\ufeff"
 
 
-def _lines(path, limit=0):
-    """(line number, decoded line) of a text file, read line by line; a UserError at the first line that is not
-    UTF-8. Stops after `limit` non-blank lines (0 = all)."""
-    seen = 0
+def _lines(path):
+    """(line number, decoded line with its line break) of a text file, read line by line; a UserError at the first
+    line that is not UTF-8. A UTF-8 byte-order mark at the start of the file is dropped."""
     with open(path, "rb") as f:
         for no, raw in enumerate(f, 1):
-            if limit and seen >= limit:
-                return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise trainer.UserError(f"{path}, line {no}: not UTF-8 text (byte {raw[e.start]:#04x}); expected "
                                         f"UTF-8") from None
-            seen += bool(line.strip())
+            if no == 1 and line.startswith(BOM):
+                line = line[1:]
             yield no, line
 
 
-def _check_json_lines(path, limit):
-    """Line number of each row of a JSON Lines file (blank lines skipped, as the datasets library does)."""
-    lines = []
-    for no, text in _lines(path, limit):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise trainer.UserError(f"{path}, line {no}: malformed JSON ({e.msg}, column {e.colno}); expected "
-                                    f"one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise trainer.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
-        lines.append(no)
-    return lines
+def _json_object(text, place):
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise trainer.UserError(f"{place}: malformed JSON ({e.msg}, column {e.colno}); expected one JSON object "
+                                f"per line") from None
+    if not isinstance(row, dict):
+        raise trainer.UserError(f"{place}: expected a JSON object {{...}}, got {type(row).__name__}")
+    return row
 
 
-def check_local_file(path, suffix, limit, kind_arg):
-    """Read a local file once before the datasets library does: a bad line becomes `FILE, line N: ...`.
-    Returns (load_dataset keyword arguments, where(i) -> 'FILE, line N' for row i)."""
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-        try:
-            n = pq.ParquetFile(path).metadata.num_rows
-        except Exception as e:  # pyarrow raises several types for a file that is not parquet
-            raise trainer.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        if n == 0:
-            raise trainer.UserError(f"{path}: empty file: expected rows")
-        return {}, lambda i: f"{path}, row {i + 1}"
-    if suffix == ".txt":
-        if sum(bool(line.strip()) for _, line in _lines(path)) == 0:  # reads every line: checks the UTF-8 too
-            raise trainer.UserError(f"{path}: empty file: expected text")
-        if kind_arg == "prompts":  # one prompt a line (the library yields blank lines too, as empty rows)
-            return {}, lambda i: f"{path}, line {i + 1}"
-        return {"sample_by": "paragraph"}, lambda i: f"{path}, paragraph {i + 1}"
-    if suffix == ".jsonl":
-        lines = _check_json_lines(path, limit)
-        if not lines:
-            raise trainer.UserError(f"{path}: empty file: expected one JSON object per line")
-        return {}, lambda i: f"{path}, line {lines[i] if i < len(lines) else '?'}"
-    # .json: a list of objects, an object holding one such list, or JSON Lines under a .json name
+def _jsonl_rows(path):
+    """(where, row) for each object of a JSON Lines file; blank lines are not rows."""
+    n = 0
+    for no, text in _lines(path):
+        if text.strip():
+            n += 1
+            yield f"{path}, line {no}", _json_object(text, f"{path}, line {no}")
+    if not n:
+        raise trainer.UserError(f"{path}: empty file: expected one JSON object per line")
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_list_items(text, key):
+    """(line number, item) of the list at the top of a JSON document, or of the list at `key` of the top object.
+    The document is known to be valid JSON: raw_decode walks it only to learn where each item starts."""
+    decoder = json.JSONDecoder()
+    pos = _SPACE.match(text, 0).end()
+    if key is not None:  # walk the top object's members up to the list (the last one of that name, as json.loads)
+        starts = []
+        pos = _SPACE.match(text, pos + 1).end()
+        while text[pos] != "}":
+            name, pos = decoder.raw_decode(text, pos)
+            pos = _SPACE.match(text, _SPACE.match(text, pos).end() + 1).end()  # past the ':'
+            if name == key:
+                starts.append(pos)
+            _, pos = decoder.raw_decode(text, pos)
+            pos = _SPACE.match(text, pos).end()
+            pos = _SPACE.match(text, pos + 1).end() if text[pos] == "," else pos
+        pos = starts[-1]
+    pos = _SPACE.match(text, pos + 1).end()  # past the '['
+    line, counted = 1, 0
+    while text[pos] != "]":
+        line += text.count("\n", counted, pos)
+        counted = pos
+        item, pos = decoder.raw_decode(text, pos)
+        yield line, item
+        pos = _SPACE.match(text, pos).end()
+        pos = _SPACE.match(text, pos + 1).end() if text[pos] == "," else pos
+
+
+def _json_rows(path):
+    """(where, row) for each object of a .json file: a list of objects, an object holding one such list, or JSON
+    Lines under a .json name."""
     text = "".join(line for _, line in _lines(path))
     if not text.strip():
         raise trainer.UserError(f"{path}: empty file: expected a JSON list of objects")
@@ -391,50 +415,131 @@ def check_local_file(path, suffix, limit, kind_arg):
         except json.JSONDecodeError:
             is_lines = False
         if is_lines:
-            lines = _check_json_lines(path, limit)
-            return {}, lambda i: f"{path}, line {lines[i] if i < len(lines) else '?'}"
+            yield from _jsonl_rows(path)
+            return
         raise trainer.UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno}); expected "
                                 f"a JSON list of objects") from None
-    kwargs = {}
+    key = None
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
         if len(lists) != 1:
             raise trainer.UserError(f"{path}: expected a JSON list of objects (or an object holding exactly one "
                                     f"such list), got an object with keys {sorted(doc)[:8]}")
-        kwargs["field"] = lists[0]
-        doc = doc[lists[0]]
+        key = lists[0]
+        doc = doc[key]
     if not isinstance(doc, list) or not doc:
         raise trainer.UserError(f"{path}: expected a non-empty JSON list of objects")
-    for i, row in enumerate(doc):
+    del doc  # the items are parsed again, one at a time, to learn their lines
+    for no, row in _json_list_items(text, key):
         if not isinstance(row, dict):
-            raise trainer.UserError(f"{path}, item {i + 1}: expected a JSON object {{...}}, got {type(row).__name__}")
-    return kwargs, lambda i: f"{path}, item {i + 1}"
+            raise trainer.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
+        yield f"{path}, line {no}", row
 
 
-def open_rows(source, split, subset, limit, kind_arg=""):
-    """(iterable of row dicts, where(i) -> a place to name in an error) for a local file or a hub data set,
-    both through datasets.load_dataset(..., streaming=True)."""
-    import datasets  # slow to import; only real data needs it
+def _txt_documents(path):
+    """(where, {"text": document}) for a .txt file of pretraining text: documents are separated by blank lines
+    and by "<|endoftext|>"; the line breaks next to a separator belong to it, everything else of the text is
+    kept as it is (indentation, trailing spaces, CRLF line ends)."""
+    n, doc, start = 0, [], 0
+    for no, line in _lines(path):
+        pieces = line.split(EOT_TEXT)
+        for k, piece in enumerate(pieces):
+            if k > 0 or not piece.strip():  # a separator ends the document so far
+                text = "".join(doc).strip("\r\n")
+                if text.strip():
+                    n += 1
+                    yield f"{path}, line {start}", {"text": text}
+                doc = []
+            if piece.strip():
+                if not doc:
+                    start = no
+                doc.append(piece)
+    text = "".join(doc).strip("\r\n")
+    if text.strip():
+        n += 1
+        yield f"{path}, line {start}", {"text": text}
+    if not n:
+        raise trainer.UserError(f"{path}: empty file: expected text")
+
+
+def _txt_prompts(path):
+    """(where, {"prompt": line}) for a .txt file of prompts, one a line (blank lines are not prompts)."""
+    n = 0
+    for no, line in _lines(path):
+        if line.strip():
+            n += 1
+            yield f"{path}, line {no}", {"prompt": line.rstrip("\r\n")}
+    if not n:
+        raise trainer.UserError(f"{path}: empty file: expected one prompt a line")
+
+
+def _parquet_rows(path):
+    """(where, row) for each row of a parquet file, read a batch at a time, row group by row group; a damaged page
+    is a UserError naming the rows of its row group that could not be read."""
+    import pyarrow.parquet as pq
+    try:
+        f = pq.ParquetFile(path)
+        meta = f.metadata
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise trainer.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if meta.num_rows == 0:
+        raise trainer.UserError(f"{path}: empty file: expected rows")
+    i = 0
+    with f:
+        for g in range(meta.num_row_groups):
+            group_end = i + meta.row_group(g).num_rows
+            batches = f.iter_batches(batch_size=1024, row_groups=[g], use_threads=False)
+            while True:
+                try:
+                    batch = next(batches, None)
+                    rows = [] if batch is None else batch.to_pylist()
+                except Exception as e:  # a damaged page: pyarrow's OSError/ArrowInvalid, bytes that are not UTF-8
+                    raise trainer.UserError(f"{path}, rows {i + 1}-{group_end}: cannot read them "
+                                            f"({_first_line(e)})") from None
+                if batch is None:
+                    break
+                for row in rows:
+                    i += 1
+                    yield f"{path}, row {i}", row
+
+
+def _hub_rows(rows, source, split):
+    """(where, row) for each row of a streamed Hugging Face data set; a failure mid-stream (the network, a damaged
+    shard) is a UserError naming the row."""
+    it, i = iter(rows), 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise trainer.UserError(f"--source={source} ({split}), row {i + 1}: cannot read it ({_first_line(e)})") \
+                from None
+        i += 1
+        yield f"{source} ({split}), row {i}", row
+
+
+def open_rows(source, split, subset, kind_arg=""):
+    """Iterator of (where, row dict) for a local file or a hub data set (datasets.load_dataset(...,
+    streaming=True)); `where` names the row's file and line (or row) for an error message. Rows are read as they
+    are asked for: stop iterating, and the reading stops."""
     if os.path.exists(source):
         if os.path.isdir(source):
             raise trainer.UserError(f"--source={source} is a folder: pass one .txt, .jsonl, .json or .parquet file")
         suffix = os.path.splitext(source)[1].lower()
-        if suffix not in SUFFIX_BUILDER:
+        if suffix not in LOCAL_SUFFIXES:
             raise trainer.UserError(f"--source={source}: unsupported file type {suffix or '(none)'}; expected "
                                     f".txt, .jsonl, .json or .parquet")
-        kwargs, where = check_local_file(source, suffix, limit, kind_arg)
         if suffix == ".txt" and kind_arg not in ("", "pretrain", "prompts"):
             raise trainer.UserError(f"--source={source}: a .txt file is pretraining text or prompts, not {kind_arg}")
-        try:
-            rows = datasets.load_dataset(SUFFIX_BUILDER[suffix], data_files=source, split="train", streaming=True,
-                                         **kwargs)
-        except Exception as e:
-            raise trainer.UserError(f"{source}: cannot read it ({_first_line(e)})") from None
-        return rows, where
+        if suffix == ".txt":
+            return _txt_prompts(source) if kind_arg == "prompts" else _txt_documents(source)
+        return {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[suffix](source)
     looks_local = (source.startswith((".", "/", "~")) or source.count("/") > 1
-                   or os.path.splitext(source)[1].lower() in (*SUFFIX_BUILDER, ".csv", ".tsv", ".gz", ".zst", ".arrow"))
+                   or os.path.splitext(source)[1].lower() in (*LOCAL_SUFFIXES, ".csv", ".tsv", ".gz", ".zst", ".arrow"))
     if looks_local:  # a hub name is NAME or OWNER/NAME
         raise trainer.UserError(f"--source={source}: no such file")
+    import datasets  # slow to import; only hub data sets need it
     # the hub client logs each retry as a warning; the one error line below says what finally went wrong
     import huggingface_hub
     huggingface_hub.utils.logging.set_verbosity_error()
@@ -444,7 +549,7 @@ def open_rows(source, split, subset, limit, kind_arg=""):
     except Exception as e:  # not found, no network, a wrong split or config: the library's message says which
         raise trainer.UserError(f"--source={source}: cannot load it from the Hugging Face hub ({_first_line(e)})") \
             from None
-    return rows, lambda i: f"{source} ({split}), row {i + 1}"
+    return _hub_rows(rows, source, split)
 
 
 def _first_line(e):
@@ -453,6 +558,11 @@ def _first_line(e):
 
 
 # --------------------------------------------------------------------------------------- schemas -> records
+# Text is handed on as it is in the source (no stripping, no new line breaks), except where a format defines the
+# text around it: the turns of a "\n\nHuman: ... \n\nAssistant: ..." dialogue and the replies that follow them.
+# Missing values are treated alike whatever the format: a null optional field (system, input, margin, answer, task,
+# lang) is absent; a null or empty required one (the text, a prompt, a reply, a turn's content) skips the row,
+# and the skipped rows are counted in the summary; a field of another type is an error.
 ROLE_NAMES = {"user": "user", "human": "user", "system": "system", "assistant": "assistant", "gpt": "assistant",
               "bot": "assistant", "chatgpt": "assistant", "model": "assistant"}
 SCHEMAS = {
@@ -462,6 +572,13 @@ SCHEMAS = {
     "prompts": "'prompt', 'question', 'instruction' or 'messages'",
 }
 DIALOGUE_TURN = re.compile(r"\n\n(Human|Assistant):")
+NO_TEXT = "a null or empty required field"
+REPLY_FIELDS = ("response", "output", "completion")
+
+
+class SkipRow(Exception):
+    """A row with nothing to learn from (a null or empty required field, chosen == rejected): skipped and
+    counted, not an error. The message is the reason shown in the summary."""
 
 
 def _has(row, *fields):
@@ -472,32 +589,59 @@ def _fields(row):
     return sorted(k for k, v in row.items() if v is not None)
 
 
-def guess_kind(row, where):
-    if _has(row, "rejected") and (_has(row, "chosen") or _has(row, "selected")):
+def _guess(row, has):
+    def last_turn_is_user(field):
+        v = row.get(field)
+        return isinstance(v, list) and v and isinstance(v[-1], dict) and v[-1].get("role") == "user"
+    if has("rejected") and (has("chosen") or has("selected")):
         return "pref"
-    if _has(row, "messages") and isinstance(row["messages"], list) and row["messages"] \
-            and isinstance(row["messages"][-1], dict) and row["messages"][-1].get("role") == "user":
+    if has("messages") and last_turn_is_user("messages"):
         return "prompts"
-    if _has(row, "messages") or _has(row, "conversations") or _has(row, "instruction", "output") \
-            or _has(row, "prompt", "response") or _has(row, "prompt", "output"):
+    if has("messages") or has("conversations") or has("instruction", "output") or has("prompt", "response") \
+            or has("prompt", "output"):
         return "sft"
-    if _has(row, "text"):
+    if has("text"):
         return "pretrain"
-    if _has(row, "prompt") or _has(row, "question"):
+    if has("prompt") or has("question"):
         return "prompts"
-    raise trainer.UserError(f"{where}: cannot tell the kind of data from the fields {_fields(row)}; expected one "
-                            "of: " + "; ".join(f"{k}: {v}" for k, v in SCHEMAS.items()) + " (or pass --kind=)")
+    return None
+
+
+def guess_kind(row, where):
+    """The kind of data a row holds, from its fields that have a value, else (a first row with a null required
+    field) from the fields it names."""
+    kind_ = _guess(row, lambda *f: _has(row, *f)) or _guess(row, lambda *f: all(k in row for k in f))
+    if kind_ is None:
+        raise trainer.UserError(f"{where}: cannot tell the kind of data from the fields {_fields(row)}; expected "
+                                "one of: " + "; ".join(f"{k}: {v}" for k, v in SCHEMAS.items()) + " (or pass --kind=)")
+    return kind_
 
 
 def _str_field(row, field, where):
+    """The text of a required field: SkipRow when it is null or empty (only white space), an error when it is
+    not a string."""
     v = row[field]
+    if v is None:
+        raise SkipRow(NO_TEXT)
     if not isinstance(v, str):
         raise trainer.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+    if not v.strip():
+        raise SkipRow(NO_TEXT)
     return v
 
 
+def _optional_str(row, field, where):
+    """The text of an optional field, or None when it is absent, null or empty."""
+    v = row.get(field)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise trainer.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+    return v if v.strip() else None
+
+
 def parse_dialogue(text, where):
-    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> messages (Anthropic hh-rlhf form)."""
+    """'\n\nHuman: hi\n\nAssistant: hello' -> messages (Anthropic hh-rlhf form)."""
     parts = DIALOGUE_TURN.split("\n\n" + text.lstrip("\n"))
     if len(parts) < 3 or parts[0].strip():
         raise trainer.UserError(f"{where}: expected a dialogue of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns")
@@ -505,7 +649,13 @@ def parse_dialogue(text, where):
                 for role, content in zip(parts[1::2], parts[2::2])]
     if len(messages) > 1 and messages[-1] == {"role": "assistant", "content": ""}:
         messages.pop()  # a prompt that ends with "\n\nAssistant:", waiting for the reply
+    if any(not m["content"] for m in messages):
+        raise SkipRow(NO_TEXT)
     return messages
+
+
+def _is_dialogue(text):
+    return text.lstrip("\n").startswith("Human:") and bool(DIALOGUE_TURN.search("\n\n" + text.lstrip("\n")))
 
 
 def _checked(messages, where):
@@ -517,9 +667,9 @@ def _checked(messages, where):
 
 
 def to_messages(row, where):
-    """Any SFT schema -> [{'role', 'content'}, ...]."""
-    system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) and row["system"] \
-        else []
+    """Any SFT schema -> [{'role', 'content'}, ...]; None when the row has none of the SFT or prompt fields."""
+    system_text = _optional_str(row, "system", where)
+    system = [{"role": "system", "content": system_text}] if system_text else []
     if _has(row, "messages") or _has(row, "conversations"):
         field = "messages" if _has(row, "messages") else "conversations"
         turns = row[field]
@@ -528,66 +678,80 @@ def to_messages(row, where):
         role_key, text_key = ("role", "content") if field == "messages" else ("from", "value")
         messages = []
         for i, t in enumerate(turns):
-            if not isinstance(t, dict) or t.get(role_key) is None or t.get(text_key) is None:
+            if not isinstance(t, dict) or t.get(role_key) is None or text_key not in t:
                 raise trainer.UserError(f"{where}: {field}[{i}] must have '{role_key}' and '{text_key}'")
             role = ROLE_NAMES.get(str(t[role_key]).lower())
             if role is None:
                 raise trainer.UserError(f"{where}: {field}[{i}]: unknown {role_key} {t[role_key]!r}; expected one "
                                         f"of {', '.join(ROLE_NAMES)}")
-            messages.append({"role": role, "content": t[text_key]})
+            if role == "system":  # optional: a null or empty system turn is no system turn
+                text = _optional_str(t, text_key, f"{where}: {field}[{i}]")
+                if text:
+                    messages.append({"role": role, "content": text})
+                continue
+            messages.append({"role": role, "content": _str_field(t, text_key, f"{where}: {field}[{i}]")})
         return _checked(system + messages, where)
-    if _has(row, "instruction"):
-        user = _str_field(row, "instruction", where)
-        if isinstance(row.get("input"), str) and row["input"].strip():
-            user = f"{user}\n\n{row['input']}"
-        messages = system + [{"role": "user", "content": user}]
-        if _has(row, "output"):
-            messages.append({"role": "assistant", "content": _str_field(row, "output", where)})
-        return _checked(messages, where)
-    for field in ("prompt", "question"):
-        if _has(row, field):
-            prompt = _str_field(row, field, where)
-            messages = parse_dialogue(prompt, where) if prompt.lstrip("\n").startswith("Human:") \
-                and DIALOGUE_TURN.search("\n\n" + prompt.lstrip("\n")) else [{"role": "user", "content": prompt}]
-            messages = system + messages
-            for reply in ("response", "output", "completion"):
-                if _has(row, reply):
-                    messages.append({"role": "assistant", "content": _str_field(row, reply, where)})
-                    break
-            return _checked(messages, where)
-    return None
+    field = _pick(row, ("instruction", "prompt", "question"))
+    if field is None:
+        if "messages" in row or "conversations" in row:  # named, but null
+            raise SkipRow(NO_TEXT)
+        return None
+    user = _str_field(row, field, where)
+    if field == "instruction":
+        extra = _optional_str(row, "input", where)
+        messages = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user}]
+    elif _is_dialogue(user):
+        messages = parse_dialogue(user, where)
+    else:
+        messages = [{"role": "user", "content": user}]
+    reply = _pick(row, REPLY_FIELDS)
+    reply_text = _optional_str(row, reply, where) if reply else None
+    if reply_text is not None:  # a null reply is no reply: to_sft skips the row, to_prompt does not need one
+        messages.append({"role": "assistant", "content": reply_text})
+    return _checked(system + messages, where)
+
+
+def _pick(row, fields):
+    """The first of `fields` that has a value in the row, else the first it names (null), else None."""
+    return next((f for f in fields if row.get(f) is not None), next((f for f in fields if f in row), None))
 
 
 def to_sft(row, where):
     messages = to_messages(row, where)
     if messages is None or not any(m["role"] == "assistant" for m in messages):
+        if messages is not None and _pick(row, REPLY_FIELDS):  # the reply is named, but null or empty
+            raise SkipRow(NO_TEXT)
         raise trainer.UserError(f"{where}: expected SFT fields {SCHEMAS['sft']} with an assistant reply; the row "
                                 f"has {_fields(row)}")
     return {"messages": messages}
 
 
 def _reply_text(v, field, where):
-    """A preference reply: a string, or a conversation whose last turn is the reply."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, list) and v and isinstance(v[-1], dict) and isinstance(v[-1].get("content"), str):
-        return v[-1]["content"]
+    """A preference reply: a string, or a conversation whose last turn is the reply. SkipRow when it is null or
+    empty."""
+    if isinstance(v, list) and v and isinstance(v[-1], dict) and "content" in v[-1]:
+        return _str_field(v[-1], "content", f"{where}: field '{field}'")
+    if v is None or isinstance(v, str):
+        return _str_field({field: v}, field, where)
     raise trainer.UserError(f"{where}: field '{field}' must be a string (or a list of messages)")
 
 
-def to_pref(row, where):
-    chosen_field = "chosen" if _has(row, "chosen") else "selected"
-    if not _has(row, chosen_field, "rejected"):
+def _pref_parts(row, where):
+    """(prompt messages, chosen reply, rejected reply) of a preference row."""
+    chosen_field = _pick(row, ("chosen", "selected"))
+    if chosen_field is None or "rejected" not in row:
         raise trainer.UserError(f"{where}: expected preference fields {SCHEMAS['pref']}; the row has {_fields(row)}")
     chosen_v, rejected_v = row[chosen_field], row["rejected"]
-    if _has(row, "prompt"):
+    if "prompt" in row:
         p = row["prompt"]
         if isinstance(p, list):
             messages = to_messages({"messages": p}, where)
         else:
             messages = to_messages({"prompt": _str_field(row, "prompt", where)}, where)
-        chosen = _reply_text(chosen_v, chosen_field, where).strip()
-        rejected = _reply_text(rejected_v, "rejected", where).strip()
+        chosen = _reply_text(chosen_v, chosen_field, where)
+        rejected = _reply_text(rejected_v, "rejected", where)
+        if isinstance(p, str) and _is_dialogue(p):  # replies to "...\n\nAssistant:" start after its space
+            chosen, rejected = chosen.strip(), rejected.strip()
     elif isinstance(chosen_v, list) and isinstance(rejected_v, list):  # two whole conversations
         messages = to_messages({"messages": chosen_v[:-1]}, where)
         chosen, rejected = _reply_text(chosen_v, chosen_field, where), _reply_text(rejected_v, "rejected", where)
@@ -603,8 +767,17 @@ def to_pref(row, where):
         # a reply ends where the next human turn begins (when the dialogues differ before their last turn)
         chosen = a[cut + len(marker):].split("\n\nHuman:")[0].strip()
         rejected = b[cut + len(marker):].split("\n\nHuman:")[0].strip()
+        if not chosen or not rejected:
+            raise SkipRow(NO_TEXT)
     if not messages or messages[-1]["role"] != "user":
         raise trainer.UserError(f"{where}: the prompt must end with a user turn")
+    return messages, chosen, rejected
+
+
+def to_pref(row, where):
+    messages, chosen, rejected = _pref_parts(row, where)
+    if chosen == rejected:
+        raise SkipRow("chosen == rejected")  # no preference to learn
     pair = {"messages": messages, "chosen": chosen, "rejected": rejected}
     if row.get("margin") is not None:
         try:
@@ -620,8 +793,8 @@ def _lang(text):
 
 def to_prompt(row, where):
     messages = to_messages(row, where)
-    if messages is None and _has(row, "rejected"):  # a preference pair's prompt (hh-rlhf dialogues)
-        messages = to_pref(row, where)["messages"]
+    if messages is None and "rejected" in row:  # a preference pair's prompt (hh-rlhf dialogues)
+        messages = _pref_parts(row, where)[0]
     if messages is None:
         raise trainer.UserError(f"{where}: expected prompt fields {SCHEMAS['prompts']}; the row has {_fields(row)}")
     while messages and messages[-1]["role"] == "assistant":  # an SFT row: its prompt is what precedes the reply
@@ -629,12 +802,16 @@ def to_prompt(row, where):
     if not messages or messages[-1]["role"] != "user":
         raise trainer.UserError(f"{where}: no user turn to use as a prompt")
     answer = row.get("answer")
+    if isinstance(answer, (dict, list)):
+        raise trainer.UserError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+    if isinstance(answer, bool):  # as it was written in a JSON file
+        answer = "true" if answer else "false"
     return {"messages": messages, "answer": None if answer is None else str(answer),
             "task": str(row.get("task") or "open"), "lang": str(row.get("lang") or _lang(messages[-1]["content"]))}
 
 
 def to_pretrain(row, where):
-    if not _has(row, "text"):
+    if "text" not in row:
         raise trainer.UserError(f"{where}: expected the pretraining field {SCHEMAS['pretrain']}; the row has "
                                 f"{_fields(row)}")
     return _str_field(row, "text", where)
@@ -644,45 +821,32 @@ CONVERT = {"pretrain": to_pretrain, "sft": to_sft, "pref": to_pref, "prompts": t
 
 
 def read_records(cfg):
-    """Rows of the source converted to records of one kind: (kind, records, skipped)."""
+    """Rows of the source converted to records of one kind: (kind, records, {reason: rows skipped}). Reads at most
+    --max_rows rows (documents of a .txt file)."""
     limit = cfg["max_rows"]
     kind_ = cfg["kind"]
     if kind_ and kind_ not in KINDS:
         raise trainer.UserError(f"--kind={kind_}: expected one of {', '.join(KINDS)}")
-    rows, where = open_rows(cfg["source"], cfg["split"], cfg["subset"], limit, kind_)
-    is_txt = cfg["source"].lower().endswith(".txt") and os.path.isfile(cfg["source"])
-    records, skipped, i = [], 0, -1
-    bar = _bar(limit or None, f"reading {cfg['source']}")
-    try:
-        for i, row in enumerate(rows):
-            if limit and i >= limit:
-                break
-            if is_txt and kind_ == "prompts":
-                if not (row.get("text") or "").strip():
-                    continue
-                row = {"prompt": row["text"].strip()}
+    rows = open_rows(cfg["source"], cfg["split"], cfg["subset"], kind_)
+    records, skipped = [], {}
+    with _bar(limit or None, f"reading {cfg['source']}") as bar:
+        for where, row in itertools.islice(rows, limit or None):  # asks for no row past the limit
             if not kind_:
-                kind_ = guess_kind(row, where(i))
+                kind_ = guess_kind(row, where)
                 print(f"kind: {kind_} (from the fields of the first row; --kind= to override)")
-            rec = CONVERT[kind_](row, where(i))
-            if kind_ == "pretrain":  # a text file's "<|endoftext|>" lines separate documents
-                docs = [d.strip() for d in rec.split(EOT_TEXT)]
-                records += [d for d in docs if d]
-                skipped += not any(docs)
-            elif kind_ == "pref" and rec["chosen"] == rec["rejected"]:
-                skipped += 1  # no preference to learn
-            else:
-                records.append(rec)
+            try:
+                records.append(CONVERT[kind_](row, where))
+            except SkipRow as e:
+                skipped[str(e)] = skipped.get(str(e), 0) + 1
             bar.update(1)
-    except trainer.UserError:
-        raise
-    except Exception as e:  # the datasets library failing mid-stream: a network error, a bad parquet page...
-        raise trainer.UserError(f"{where(i + 1)}: cannot read it ({_first_line(e)})") from None
-    finally:
-        bar.close()
     if not records:
-        raise trainer.UserError(f"--source={cfg['source']}: no usable rows (expected {SCHEMAS[kind_ or 'pretrain']})")
+        raise trainer.UserError(f"--source={cfg['source']}: no usable rows (expected {SCHEMAS[kind_ or 'pretrain']}"
+                                f"{'; skipped: ' + _skip_summary(skipped) if skipped else ''})")
     return kind_, records, skipped
+
+
+def _skip_summary(skipped):
+    return ", ".join(f"{n} with {reason}" for reason, n in sorted(skipped.items()))
 
 
 def split_val(n, fraction, seed):
@@ -695,6 +859,8 @@ def prepare_real(cfg, out):
     if not 0 < cfg["val_fraction"] < 1:
         raise trainer.UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     kind_, records, skipped = read_records(cfg)
+    if skipped:
+        print(f"skipped {sum(skipped.values())} rows: {_skip_summary(skipped)}")
     if kind_ == "pretrain":
         texts = records
     elif kind_ == "prompts":
@@ -711,10 +877,9 @@ def prepare_real(cfg, out):
     val = [r for i, r in enumerate(records) if i in val_idx]
     counts = {}
     if kind_ == "pretrain":
-        if not val:  # one document: hold out its tail
-            ids = tok.encode(train[0])
-            cut = max(1, int(len(ids) * (1 - cfg["val_fraction"])))
-            train, val = [tok.decode(ids[:cut])], [tok.decode(ids[cut:])]
+        if not val:  # one document: hold out its tail, cut between characters (a token may hold part of one)
+            cut = min(len(train[0]) - 1, max(1, int(len(train[0]) * (1 - cfg["val_fraction"]))))
+            train, val = [train[0][:cut]], [train[0][cut:]]
         counts.update(write_pretrain(out, tok, train, val))
     else:
         writer = {"sft": write_sft, "pref": write_pref, "prompts": write_prompts}[kind_]
@@ -722,9 +887,7 @@ def prepare_real(cfg, out):
         counts[f"{kind_}_val"] = writer(out, tok, f"{kind_}_val", val)
     kinds = sorted(set(meta.get("kinds", [])) | {kind_}, key=KINDS.index)
     meta.update({"source": cfg["source"], "kinds": kinds, **counts, f"{kind_}_source": cfg["source"],
-                 f"{kind_}_skipped_rows": skipped})
-    if skipped:
-        print(f"skipped {skipped} rows (empty text, or chosen == rejected)")
+                 f"{kind_}_skipped_rows": sum(skipped.values())})
     return finish(out, tok, meta)
 
 

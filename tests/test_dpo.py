@@ -47,6 +47,38 @@ def test_ipo_hinge_simpo_orpo_losses_by_hand():
     assert loss_of("orpo")[0] == pytest.approx(want, rel=1e-9)
 
 
+def test_ipo_rewards_are_beta_times_the_length_normalised_log_ratios_its_loss_uses():
+    # the rewards behind pref_accuracy and reward_margin were beta x the summed log-ratios while the loss compared
+    # averaged ones: a long chosen reply could count as preferred by the metric and not by the loss
+    loss, r_c, r_r = loss_of("ipo", pc=-10.0, pr=-12.0, rc=-11.0, rr=-11.0, nc=4.0, nr=1.0)
+    # log-ratios 1 and -1, over 4 and 1 tokens: 0.25 and -1.0
+    assert (r_c, r_r) == (pytest.approx(0.1 * 0.25), pytest.approx(0.1 * -1.0))
+    assert loss == pytest.approx(((r_c - r_r) / 0.1 - 1 / (2 * 0.1)) ** 2)
+    # summed log-ratios prefer chosen (3 against 1.5) but the averaged ones the loss uses prefer rejected (0.5
+    # against 1.5): so must the reported rewards
+    _, r_c, r_r = loss_of("ipo", pc=-8.0, pr=-9.5, rc=-11.0, rr=-11.0, nc=6.0, nr=1.0)
+    assert r_c == pytest.approx(0.05) and r_r == pytest.approx(0.15) and r_c < r_r
+
+
+def test_orpo_and_simpo_train_their_papers_losses_without_an_extra_rpo_term():
+    # dpo.py added rpo_alpha (default 1) x the chosen NLL to every loss type: ORPO trained 2 NLL + beta L_OR and
+    # SimPO, reference-free and NLL-free by design, an NLL term too
+    assert dpo.resolve_rpo_alpha("orpo", dpo.rpo_alpha) == 0.0
+    assert dpo.resolve_rpo_alpha("simpo", dpo.rpo_alpha) == 0.0
+    for loss_type in ("sigmoid", "ipo", "hinge"):
+        assert dpo.resolve_rpo_alpha(loss_type, dpo.rpo_alpha) == 1.0
+    # set explicitly, it applies to every loss type (0 turns it off for DPO too)
+    assert dpo.resolve_rpo_alpha("orpo", 0.5) == 0.5 and dpo.resolve_rpo_alpha("sigmoid", 0.0) == 0.0
+    # ORPO (Hong et al. 2024, eq. 6): L_SFT + lambda L_OR, L_SFT the chosen reply's mean token NLL; averages -5 and
+    # -6: NLL 5, odds(p) = p / (1 - p) with p = e^avg
+    odds_c, odds_r = math.exp(-5.0) / (1 - math.exp(-5.0)), math.exp(-6.0) / (1 - math.exp(-6.0))
+    l_or = -math.log(1 / (1 + math.exp(-math.log(odds_c / odds_r))))
+    assert loss_of("orpo")[0] == pytest.approx(5.0 + 0.1 * l_or, rel=1e-12)
+    # SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma)
+    assert loss_of("simpo", beta=2.0, gamma=0.5)[0] == pytest.approx(math.log1p(math.exp(-(2.0 * (-5 + 6) - 0.5))),
+                                                                     rel=1e-12)
+
+
 def test_swapping_chosen_and_rejected_flips_the_margin_and_equal_models_give_log_2():
     _, r_c, r_r = loss_of("sigmoid")
     _, s_c, s_r = loss_of("sigmoid", pc=-12.0, pr=-10.0)
@@ -118,6 +150,10 @@ def test_every_loss_and_mode_runs_and_starts_from_the_reference(world_data, sft_
     ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=2", "--eval_interval=2",
                                       "--eval_prompts=0", *extra)))
     start = read_log(out)[0]
+    # the run trained with the RPO weight of its loss type: none on top of ORPO and SimPO
+    loss_type = next(a.split("=")[1] for a in extra if a.startswith("--loss_type="))
+    rpo = trainer.load_checkpoint(str(out), stages=("dpo",))["train_config"]["rpo_alpha"]
+    assert rpo == (0.0 if loss_type in ("orpo", "simpo") else 1.0)
     if "--ref_nf4=True" not in extra:  # the reference is the policy's own start (an NF4 copy differs a little)
         assert abs(start["kl"]) < 1e-5 and start["pref_accuracy"] == pytest.approx(0.5)
 

@@ -58,6 +58,81 @@ def test_stream_decoder_does_not_stall_on_invalid_bytes(tok):
     assert "".join(chunks) + d.flush() == tok.decode(ids)
 
 
+def byte_ids(tok):
+    """{byte value: the id of the token that is that one byte}: a byte-level BPE's base alphabet maps each byte to
+    a printable character (the GPT-2 table: printable Latin-1 stands for itself, the rest is moved to 256 and up)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = {b: chr(b) for b in keep}
+    chars.update({b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in keep)})
+    vocab = tok.tk.get_vocab()
+    return {b: vocab[c] for b, c in chars.items()}
+
+
+def streamed(tok, ids):
+    d = generate.StreamDecoder(tok)
+    chunks = [d.push(i) for i in ids]
+    return chunks, d.flush()
+
+
+def test_stream_output_equals_decode_for_the_examples_that_went_wrong(tok):
+    by = byte_ids(tok)
+    assert tok.decode([by[0xE4], by[0xB8], by[0xAD]]) == "中"  # the table is the tokenizer's own
+    # a reply that decodes to "a\ufffd\ufffdb" was printed with four U+FFFD
+    ids = tok.encode("a") + [by[0x80], by[0x80]] + tok.encode("b")
+    assert tok.decode(ids) == "a\ufffd\ufffdb"
+    chunks, rest = streamed(tok, ids)
+    assert "".join(chunks) + rest == "a\ufffd\ufffdb"
+    # an emoji after a stray lead byte was shown as two U+FFFD, though decode gives the emoji
+    ids = [by[0xF0]] + [by[b] for b in "🙂".encode("utf-8")]
+    assert tok.decode(ids) == "\ufffd🙂"
+    chunks, rest = streamed(tok, ids)
+    assert "".join(chunks) + rest == "\ufffd🙂"
+
+
+STREAM_TEXTS = ["🙂👨‍👩‍👧🇨🇳", "𠀀𪚥𰻞龘 rare CJK (4-byte and 3-byte)", "a real \ufffd, and \ufffd\ufffd at the end\ufffd",
+                "mixed 世界 café 🙂 end", "\ufffd"]
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_stream_output_equals_decode_for_emoji_rare_cjk_and_real_replacement_chars(tok, text):
+    ids = tok.encode(text)
+    chunks, rest = streamed(tok, ids)
+    assert "".join(chunks) + rest == tok.decode(ids) == text
+    # nothing is held back longer than needed: after each id all but a trailing U+FFFD of decode is out
+    for k in range(len(ids)):
+        shown, full = "".join(chunks[:k + 1]), tok.decode(ids[:k + 1])
+        assert shown == (full[:-1] if full.endswith("\ufffd") else full)
+
+
+def test_stream_output_equals_decode_on_random_byte_token_sequences(tok):
+    # property: for any ids, what the stream prints, joined, is decode(ids); most of these are invalid UTF-8,
+    # mixed with lead bytes, continuation bytes, whole characters and multi-byte tokens
+    by = byte_ids(tok)
+    special = set(tok.special_ids)
+    normal = [i for i in range(tok.vocab_size) if i not in special]
+    pieces = [[by[b] for b in ch.encode("utf-8")] for ch in "中🙂é\ufffd𠀀"]
+    for seed in range(300):
+        rng = random.Random(seed)
+        ids = []
+        for _ in range(rng.randint(1, 30)):
+            r = rng.random()
+            if r < 0.5:
+                ids.append(by[rng.choice([rng.randrange(256), rng.randrange(0x80, 0xC0), rng.randrange(0xC2, 0xF5)])])
+            elif r < 0.7:
+                ids += rng.choice(pieces)[:rng.randint(1, 4)]
+            else:
+                ids.append(rng.choice(normal))
+        chunks, rest = streamed(tok, ids)
+        assert "".join(chunks) + rest == tok.decode(ids), (seed, ids)
+
+
+def test_stream_decoder_starts_afresh_after_flush(tok):
+    by = byte_ids(tok)
+    d = generate.StreamDecoder(tok)
+    assert d.push(by[0xE4]) == "" and d.flush() == "\ufffd"
+    assert "".join(d.push(i) for i in tok.encode("ok")) + d.flush() == "ok"
+
+
 # ------------------------------------------------------------------------------------------------ context window
 
 def conversation(n_exchanges, words=8):
@@ -252,7 +327,8 @@ def test_bad_checkpoints_are_user_errors_naming_the_file(tok, tmp_path, run_main
 
 
 @pytest.mark.parametrize("arg", ["--temperature=-1", "--top_p=0", "--top_p=1.5", "--top_k=-3", "--max_new_tokens=0",
-                                 "--repetition_penalty=0"])
+                                 "--repetition_penalty=0", "--repetition_penalty=-1e-300", "--temperature=1e999",
+                                 "--top_p=-1e-300", "--repetition_penalty=1e999"])
 def test_bad_sampling_settings_are_user_errors(run_main, arg):
     with pytest.raises(trainer.UserError, match=arg.split("=")[0]):
         run_main("--ckpt=does/not/matter.pt", "--prompt=hi", arg)
@@ -290,3 +366,26 @@ def test_chat_keeps_history_and_reset_clears_it(tok, monkeypatch, capsys):
     a1 = capsys.readouterr().out.split("\n")[0]  # the first reply as streamed to the terminal
     assert a1 and prompts[1] == tok.render_prompt([sys_msg, u1, {"role": "assistant", "content": a1}, u2])
     assert prompts[2] == tok.render_prompt([sys_msg, u3]), "/reset keeps the system message and nothing else"
+
+
+@pytest.mark.parametrize("args", [("--temperature=1e-39",), ("--temperature=1e-45",), ("--temperature=0.0000099",),
+                                  ("--temperature=1e-39", "--top_p=1e-300", "--top_k=1")])
+def test_extreme_temperatures_are_greedy_instead_of_a_traceback(tok, tmp_path, run_main, args):
+    # --temperature=1e-39 made the logits inf and sampling failed ("probability tensor contains either inf, nan
+    # or element < 0"); a temperature below 1e-5 is greedy
+    path = str(tmp_path / "sft.pt")
+    model = save_checkpoint(path, tok, "sft")
+    out = run_main(f"--ckpt={path}", "--prompt=how many apples", "--max_new_tokens=20", *args)
+    want = greedy(model, tok, tok.render_prompt([{"role": "user", "content": "how many apples"}]))
+    assert want and out == want + "\n"
+
+
+@pytest.mark.parametrize("args", [("--repetition_penalty=1e-300",), ("--repetition_penalty=1e300",),
+                                  ("--repetition_penalty=1e-300", "--temperature=1e300"),
+                                  ("--temperature=1e-5", "--repetition_penalty=1e300"),
+                                  ("--top_k=1000000", "--top_p=1e-300", "--temperature=3e38")])
+def test_extreme_sampling_settings_answer_instead_of_a_traceback(tok, tmp_path, args):
+    path = str(tmp_path / "sft.pt")
+    save_checkpoint(path, tok, "sft")
+    r = run(f"--ckpt={path}", "--prompt=how many apples", "--max_new_tokens=20", *args)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and r.stdout.strip(), r.stderr

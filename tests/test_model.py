@@ -309,6 +309,86 @@ def test_repetition_penalty_follows_ctrl_rule():
     assert len(set(out)) == len(out)
 
 
+def sampled_probs(monkeypatch, logits, **kw):
+    """The probabilities model.sample draws from (torch.multinomial's input) and the ids it returned."""
+    seen = []
+    real = torch.multinomial
+
+    def spy(probs, *args, **kwargs):
+        seen.append(probs.clone())
+        return real(probs, *args, **kwargs)
+    monkeypatch.setattr(torch, "multinomial", spy)
+    ids = model.sample(logits, generator=torch.Generator().manual_seed(0), **kw)
+    return (seen[0] if seen else None), ids
+
+
+EXTREME_LOGITS = {
+    "normal": torch.tensor([[2.0, -1.0, 0.5, 3.0, -7.0]]),
+    "huge": torch.tensor([[3.0e38, -3.0e38, 1.0, 2.9e38, 0.0]]),
+    "inf": torch.tensor([[float("inf"), 1.0, float("-inf"), float("inf"), -2.0]]),
+    "tiny_gaps": torch.tensor([[1.0, 1.0 + 1e-6, 1.0 - 1e-6, 0.0, -1.0]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTREME_LOGITS))
+@pytest.mark.parametrize("temperature", [1e-5, 1e-3, 1.0, 1e10, 3e38])
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (1, None), (10**6, 1e-300), (2, 0.999999), (None, 1.0)])
+def test_sample_draws_from_finite_probabilities_at_extreme_settings(monkeypatch, name, temperature, top_k, top_p):
+    # --temperature=1e-39 or a repetition penalty of 1e-300 gave inf logits and torch.multinomial failed with
+    # "probability tensor contains either inf, nan or element < 0"
+    logits = EXTREME_LOGITS[name]
+    probs, ids = sampled_probs(monkeypatch, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.isfinite(probs).all() and (probs >= 0).all()
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    top = logits.clamp(max=torch.finfo(torch.float32).max).argmax(-1)
+    assert probs[0, top].item() == probs.max().item()  # the most likely token stays the most likely
+    assert probs[0, ids].item() > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-39, 1e-45, 9.99e-6])
+def test_a_temperature_below_1e5_is_greedy(monkeypatch, temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(64, 97) * 5
+    probs, ids = sampled_probs(monkeypatch, logits, temperature=temperature, top_k=50, top_p=0.9)
+    assert probs is None and torch.equal(ids, logits.argmax(-1))  # no draw at all
+    # and through the model, the whole generation equals temperature 0
+    m = make(CONFIGS["gqa"])
+    idx = torch.randint(0, 97, (2, 5))
+    assert torch.equal(m.generate(idx, 8, temperature=temperature), m.generate(idx, 8, temperature=0))
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-30, 1e30, 1e300])
+def test_extreme_repetition_penalties_keep_logits_finite(penalty):
+    logits = torch.tensor([[2.0, -2.0, 0.0, 3.0, -3.0e38, 3.0e38]])
+    seen = torch.tensor([[True, True, True, False, True, True]])
+    got = model.apply_repetition_penalty(logits, seen, penalty)
+    assert torch.isfinite(got).all()
+    assert got[0, 3] == 3.0 and got[0, 2] == 0.0  # unseen: as it was; a zero logit has no sign to push
+    if penalty > 1:  # seen tokens fall below where they were
+        assert got[0, 0] < 2.0 and got[0, 1] < -2.0
+    else:
+        assert got[0, 0] > 2.0 and got[0, 1] > -2.0
+    m = make(CONFIGS["mha"])
+    out = m.generate(torch.tensor([[1, 2, 3]]), 12, temperature=0.7, repetition_penalty=penalty, top_p=0.9,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 15)
+
+
+@pytest.mark.parametrize("kw,key", [(dict(temperature=-1e-300), "--temperature"),
+                                    (dict(temperature=float("inf")), "--temperature"),
+                                    (dict(temperature=float("nan")), "--temperature"),
+                                    (dict(top_k=-1), "--top_k"), (dict(top_k=2.5), "--top_k"),
+                                    (dict(top_p=0.0), "--top_p"), (dict(top_p=1.0 + 1e-9), "--top_p"),
+                                    (dict(top_p=float("nan")), "--top_p")])
+def test_impossible_sampling_settings_are_one_line_errors_naming_the_key(kw, key):
+    import trainer
+    with pytest.raises(trainer.UserError, match=key):
+        model.sample(torch.zeros(1, 5), **kw)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(trainer.UserError, match="--repetition_penalty"):
+            model.apply_repetition_penalty(torch.zeros(1, 5), torch.ones(1, 5, dtype=torch.bool), bad)
+
+
 def test_dropout_only_in_training_mode():
     m = make(tiny(dropout=0.2))
     idx = torch.randint(0, 97, (2, 12))

@@ -170,3 +170,11 @@ def test_bad_settings_are_one_line_errors(world_data, sft_ckpt, reward_ckpt, tmp
     for extra, fragment in cases:
         r = run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, tmp_path / "x", "--max_iters=1", *extra))
         one_line_error(r, fragment)
+
+
+@pytest.mark.parametrize("arg,fragment", [("--temperature=1e-39", "--temperature must be >= 1e-05"),
+                                          ("--temperature=1e999", "--temperature"), ("--top_k=-1", "--top_k")])
+def test_sampling_settings_no_rollout_can_use_are_one_line_errors(arg, fragment):
+    # a temperature that small made logits / temperature inf in the rollouts' log-probabilities; checked before
+    # anything is loaded
+    one_line_error(run_script("ppo.py", arg), fragment)

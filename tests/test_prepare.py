@@ -1,6 +1,8 @@
 """prepare.py: the world's files and their layout, every accepted schema from local files (through the same
 datasets.load_dataset path as hub data sets), each kind of bad input, atomic writes, the loaders."""
 import functools
+import itertools
+import re
 import json
 import os
 import re
@@ -529,3 +531,209 @@ def test_load_ragged_rejects_missing_keys_and_bad_offsets(tmp_path):
 def test_token_dtype_fits_the_vocabulary():
     assert prepare.token_dtype(6400) == np.uint16 and prepare.token_dtype(65535) == np.uint16
     assert prepare.token_dtype(65536) == np.uint32 and prepare.token_dtype(151_000) == np.uint32
+
+
+# ------------------------------------------------------------------------- large local files, text kept as it is
+
+def read(source, *args):
+    """prepare.read_records on a source, with the defaults of prepare.py and `--key=value` args."""
+    cfg = dict(source=str(source), kind="", split="train", subset="", max_rows=0)
+    for a in args:
+        k, v = a[2:].split("=", 1)
+        cfg[k] = int(v) if k == "max_rows" else v
+    return prepare.read_records(cfg)
+
+
+# each row ~260 bytes: 55,000 rows are ~14 MB, more than the first block a type-inferring JSON reader looks at
+FILLER = "Explain the following passage in one sentence, and keep it short: " + "lorem ipsum dolor sit amet " * 6
+
+
+def write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_a_large_jsonl_whose_optional_field_turns_from_null_to_text_late_prepares(tmp_path):
+    # 55,000 Alpaca rows, `system` null in all but the last ten: the datasets JSON reader inferred the type from
+    # its first block and stopped with a cast error naming line 48,650 (the first string is on line 54,991)
+    n = 55_000
+    rows = [json.dumps({"instruction": f"{FILLER}{i}", "input": "", "output": f"answer {i}",
+                        "system": f"system {i}" if i >= n - 10 else None}) for i in range(n)]
+    kind, records, skipped = read(write_lines(tmp_path / "big.jsonl", rows))
+    assert kind == "sft" and len(records) == n and not skipped
+    assert records[0]["messages"] == [{"role": "user", "content": f"{FILLER}0"},
+                                      {"role": "assistant", "content": "answer 0"}]
+    assert [r["messages"][0] for r in records[-10:]] == [{"role": "system", "content": f"system {i}"}
+                                                         for i in range(n - 10, n)]
+    assert all(r["messages"][0]["role"] == "user" for r in records[:-10])
+    # a bad row that late is reported on its own line
+    rows[54_994] = json.dumps({"instruction": "x", "output": 5})
+    with pytest.raises(trainer.UserError, match=r"big2\.jsonl, line 54995: field 'output' must be a string"):
+        read(write_lines(tmp_path / "big2.jsonl", rows))
+
+
+def test_a_large_prompt_file_whose_answer_turns_from_number_to_text_late_prepares(tmp_path):
+    # the answer was an int64 column for the reader's first block: "Failed to parse string ... as a scalar of type
+    # int64" for the rows after it
+    n = 55_000
+    answers = [i for i in range(n - 5)] + [f"x{i}" for i in range(5)]
+    rows = [json.dumps({"prompt": f"{FILLER}{i}", "answer": a, "task": "add"}) for i, a in enumerate(answers)]
+    kind, records, _ = read(write_lines(tmp_path / "q.jsonl", rows))
+    assert kind == "prompts" and [r["answer"] for r in records] == [str(a) for a in answers]
+    # and the same rows as one JSON list, read up to an error late in it, named by the line its item starts on
+    path = tmp_path / "q.json"
+    rows[54_000] = json.dumps({"prompt": ["not", "text"]})
+    path.write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
+    with pytest.raises(trainer.UserError, match=r"q\.json, line 54002: field 'prompt' must be a string"):
+        read(path)
+
+
+def test_json_items_are_named_by_their_line_in_a_list_held_by_an_object(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{"version": 2, "notes": {"a": [1, 2]},\n "data": [\n  {"text": "one"},\n\n  {"text": 7}\n]}',
+                    encoding="utf-8")
+    with pytest.raises(trainer.UserError, match=r"d\.json, line 5: field 'text' must be a string"):
+        read(path)
+
+
+def test_max_rows_stops_reading_before_a_bad_line(tmp_path):
+    src = write_lines(tmp_path / "m.jsonl", [json.dumps({"text": f"doc {i}"}) for i in range(5)] + ["{oops"])
+    _, records, _ = read(src, "--max_rows=5")
+    assert records == [f"doc {i}" for i in range(5)]
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name,content,kind_arg,first", [
+    ("b.txt", "First document.\n\nSecond one.\n", "", "First document."),
+    ("p.txt", "first prompt\nsecond prompt\n", "prompts", "first prompt"),
+    ("b.jsonl", '{"text": "First document."}\n{"text": "Second one."}\n', "", "First document."),
+    ("b.json", '[{"text": "First document."}, {"text": "Second one."}]', "", "First document."),
+    ("l.json", '{"text": "First document."}\n{"text": "Second one."}\n', "", "First document."),
+])
+def test_a_utf8_byte_order_mark_is_dropped_and_the_file_accepted(tmp_path, name, content, kind_arg, first):
+    # a .txt kept U+FEFF at the start of its first document or prompt; .jsonl and .json with a mark were refused
+    path = tmp_path / name
+    path.write_bytes((BOM + content).encode("utf-8"))
+    kind, records, _ = read(path, *([f"--kind={kind_arg}"] if kind_arg else []))
+    got = records[0] if kind == "pretrain" else records[0]["messages"][0]["content"]
+    assert got == first and not any(BOM in json.dumps(r, ensure_ascii=False) for r in records)
+
+
+def test_null_and_empty_text_in_a_parquet_file_skip_their_rows_and_are_counted(tmp_path, capsys):
+    # a null `text` stopped the whole run ("the row has []") while an empty one was skipped and counted
+    texts = ["The cat sat.", None, "A dog ran.", "", "Birds sing.", "   ", "Fish swim."]
+    out, meta, _ = run(tmp_path, write_parquet(tmp_path / "n.parquet", [{"text": t} for t in texts]))
+    assert meta["pretrain_skipped_rows"] == 3
+    assert "skipped 3 rows: 3 with a null or empty required field" in capsys.readouterr().out
+    _, records, skipped = read(tmp_path / "n.parquet")
+    assert records == [t for t in texts if t and t.strip()] and skipped == {prepare.NO_TEXT: 3}
+
+
+def test_null_optional_fields_are_absent_and_null_required_fields_skip_the_row(tmp_path):
+    sft = [
+        {"instruction": "Add.", "input": None, "output": "3", "system": None},                  # kept, as if absent
+        {"instruction": "Add.", "input": "1 2", "output": None},                                # no reply: skipped
+        {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]},                              # kept, no system
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},  # skipped
+        {"messages": None, "instruction": "Say hi.", "output": "hi"},                           # kept
+        {"conversations": None},                                                                # skipped
+    ]
+    _, records, skipped = read(write_jsonl(tmp_path / "s.jsonl", sft), "--kind=sft")
+    assert [r["messages"] for r in records] == [
+        [{"role": "user", "content": "Add."}, {"role": "assistant", "content": "3"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]]
+    assert skipped == {prepare.NO_TEXT: 3}
+    pref = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": None},
+            {"prompt": "p", "chosen": None, "rejected": "b"}, {"prompt": None, "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "", "rejected": "b"}]
+    _, records, skipped = read(write_jsonl(tmp_path / "p.jsonl", pref))
+    assert records == [{"messages": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b"}]
+    assert skipped == {prepare.NO_TEXT: 3, "chosen == rejected": 1}
+    prompts = [{"prompt": "q1", "answer": None, "task": None, "lang": None}, {"prompt": None, "answer": "4"},
+               {"prompt": "q2", "answer": 0}]
+    _, records, skipped = read(write_jsonl(tmp_path / "q.jsonl", prompts))
+    assert [(r["answer"], r["task"], r["lang"]) for r in records] == [(None, "open", "en"), ("0", "open", "en")]
+    assert skipped == {prepare.NO_TEXT: 1}
+    # as prompts, an SFT row needs no reply: a null one does not skip it
+    _, records, skipped = read(write_jsonl(tmp_path / "sp.jsonl", sft[:2]), "--kind=prompts")
+    assert [r["messages"] for r in records] == [[{"role": "user", "content": "Add."}],
+                                                [{"role": "user", "content": "Add.\n\n1 2"}]] and not skipped
+    # the first row's required field null: the kind still follows from the fields it names
+    kind, records, skipped = read(write_jsonl(tmp_path / "f.jsonl", [{"text": None}, {"text": "doc"}]))
+    assert kind == "pretrain" and records == ["doc"] and skipped == {prepare.NO_TEXT: 1}
+
+
+def test_readers_hand_the_text_through_unchanged(tmp_path):
+    # rows of a structured file are one document or message each, kept byte for byte: no stripping, no newline
+    # normalising, no splitting on "<|endoftext|>" (only a .txt file uses it as a separator)
+    texts = ["  indented start\r\nCRLF line\r\n", "a <|endoftext|> inside\n\n", "\ttab\u3000全角空格 "]
+    for name, write in (("t.jsonl", write_jsonl), ("t.parquet", write_parquet)):
+        _, records, _ = read(write(tmp_path / name, [{"text": t} for t in texts]))
+        assert records == texts, name
+    sft = [{"prompt": " leading space", "response": "def f():\n    return 1\n"}]
+    _, records, _ = read(write_jsonl(tmp_path / "c.jsonl", sft))
+    assert records[0]["messages"] == [{"role": "user", "content": " leading space"},
+                                      {"role": "assistant", "content": "def f():\n    return 1\n"}]
+    pair = {"prompt": "q ", "chosen": " yes\n", "rejected": "no"}
+    _, records, _ = read(write_jsonl(tmp_path / "pr.jsonl", [pair]))
+    assert (records[0]["chosen"], records[0]["rejected"]) == (" yes\n", "no")
+    # a .txt file: documents between blank lines or "<|endoftext|>", their own text as it was, CRLF included
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"    Once upon a time,\r\nthe end.  \r\n\r\nSecond<|endoftext|>Third\n<|endoftext|>\n\n\nLast")
+    _, records, _ = read(path)
+    assert records == ["    Once upon a time,\r\nthe end.  ", "Second", "Third", "Last"]
+    path.write_text(" a prompt with spaces \n\nsecond\r\n", encoding="utf-8")
+    _, records, _ = read(path, "--kind=prompts")
+    assert [r["messages"][0]["content"] for r in records] == [" a prompt with spaces ", "second"]
+
+
+def test_a_single_document_is_split_between_characters(tmp_path):
+    # one document: its tail is held out; cut by token and decoded, half a character became U+FFFD on both sides
+    text = "The cat sleeps: " + "".join(chr(0x20000 + 37 * i) for i in range(41))  # 4-byte characters, each once
+    out, meta, tok = run(tmp_path, write_jsonl(tmp_path / "one.jsonl", [{"text": text}]))
+    parts = []
+    for split in ("train", "val"):
+        data = np.fromfile(os.path.join(out, f"{split}.bin"), dtype=np.uint16).tolist()
+        assert data[-1] == tok.eot_id
+        parts.append(tok.decode(data[:-1]))
+    assert parts[0] + parts[1] == text and parts[1]
+
+
+def test_a_corrupt_parquet_page_is_a_one_line_error_with_status_2(tmp_path):
+    # a read error in the middle of a parquet file aborted the process (status 134) instead of the one-line error
+    rows = [{"text": f"document number {i} " + "x" * 40} for i in range(4000)]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "good.parquet"), row_group_size=500,
+                   compression="snappy")
+    data = bytearray((tmp_path / "good.parquet").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 2000] = b"\x41" * 2000  # inside a middle row group's pages
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "prepare.py", f"--source={tmp_path / 'bad.parquet'}",
+                        f"--dataset={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr
+    rows = re.search(r"bad\.parquet, rows (\d+)-(\d+): cannot read them", r.stderr)
+    # the damaged row group, from its first row not read: the rows before it were read
+    assert rows and int(rows[1]) > 1 and int(rows[2]) % 500 == 0 and int(rows[2]) - int(rows[1]) < 500, r.stderr
+
+
+def test_a_hub_stream_failing_mid_way_names_the_row_and_its_nulls_are_treated_alike(monkeypatch):
+    import datasets
+
+    def rows():
+        yield {"prompt": "q1", "response": "a1", "system": None}
+        yield {"prompt": "q2", "response": None, "system": None}  # a column the row has no value for
+        raise ConnectionError("the connection was reset\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: rows())
+    with pytest.raises(trainer.UserError, match=r"^--source=someone/chats \(train\), row 3: cannot read it "
+                                                r"\(ConnectionError: the connection was reset\)$"):
+        read("someone/chats")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: itertools.islice(rows(), 2))
+    kind, records, skipped = read("someone/chats")
+    assert kind == "sft" and len(records) == 1 and skipped == {prepare.NO_TEXT: 1}

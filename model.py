@@ -124,6 +124,11 @@ class KVCache:
     def reset(self):
         self.pos = 0
 
+    def keep_rows(self, keep):
+        """Keep only the batch rows where `keep` ((B,) bool) is True: finished sequences stop costing attention."""
+        self.k = [k[keep] for k in self.k]
+        self.v = [v[keep] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -353,9 +358,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                        stop_tokens=(), attention_mask=None, pad_id=0, generator=None):
+                        stop_tokens=(), attention_mask=None, pad_id=0, generator=None, finished=None):
         """Yields a (B,) LongTensor of new tokens per step. Prompts of different lengths: left-pad them (left_pad)
-        and pass attention_mask. temperature 0 = greedy."""
+        and pass attention_mask. temperature 0 = greedy.
+
+        Independent rows (a server's requests): `generator` a list of B generators, and temperature, top_k and
+        top_p each a scalar or a list of B; each row then samples with its own settings and generator, so a row
+        draws the same tokens whichever rows share its batch. `finished` (optional, (B,) bool on idx's device) is
+        shared with the caller: a row set True between steps (a client gone, its own length limit) stops, like a
+        row that sampled a stop token, and yields pad_id from then on; generation ends once every row is
+        finished. With per-row generators finished rows also leave the batch (KV cache included), so the rows
+        still running no longer pay for them; with one shared generator the batch keeps its shape, because the
+        draws of every row depend on it and a seed must keep giving the same samples."""
         B, T = idx.shape
         if T == 0:
             raise _user_error("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
@@ -365,6 +379,11 @@ class GPT(nn.Module):
         if max_new_tokens <= 0:
             return
         device = idx.device
+        per_row = isinstance(generator, (list, tuple))
+        if per_row:
+            def at(v, i):
+                return v[i] if isinstance(v, (list, tuple)) else v
+            settings = [(at(temperature, i), at(top_k, i), at(top_p, i), generator[i]) for i in range(B)]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the mask-free fast path
         if attention_mask is not None:
@@ -378,7 +397,9 @@ class GPT(nn.Module):
             real = attention_mask.long() if attention_mask is not None else torch.ones_like(idx)
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.long, device=device).scatter_add_(1, idx, real) > 0
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        if finished is None:
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # the batch row each computed row stands for
 
         was_training = self.training
         self.eval()  # no dropout while sampling, even if the caller is mid-training (PPO rollouts)
@@ -388,21 +409,34 @@ class GPT(nn.Module):
             for step in range(max_new_tokens):
                 x = self.hidden_states(tok, attention_mask=None if mask is None else mask[:, :cache.pos + tok.shape[1]],
                                        positions=positions, cache=cache)
-                logits = self.lm_head(x[:, -1]).float()                                     # (B, V)
+                logits = self.lm_head(x[:, -1]).float()                                     # (B', V)
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-                sampled = sample(logits, temperature, top_k, top_p, generator)
-                next_tok = torch.where(finished, torch.full_like(sampled, pad_id), sampled)
+                if per_row:
+                    sampled = torch.cat([sample(logits[j:j + 1], *settings[r])
+                                         for j, r in enumerate(rows.tolist())])
+                else:
+                    sampled = sample(logits, temperature, top_k, top_p, generator)
+                next_tok = torch.full((B,), pad_id, dtype=torch.long, device=device)
+                next_tok[rows] = sampled
+                next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
                 yield next_tok
                 if len(stop):
                     finished |= torch.isin(next_tok, stop)
-                    if bool(finished.all()):
-                        return
+                if bool(finished.all()):
+                    return
                 if seen is not None:
-                    seen[torch.arange(B, device=device), sampled] = True
+                    seen[torch.arange(len(rows), device=device), sampled] = True
                 tok = sampled[:, None]  # finished rows are fed a valid id (pad_id may be any value); unused
                 if positions is not None:
                     positions = positions[:, -1:] + 1
+                if per_row and bool(finished[rows].any()):  # drop the finished rows from the computation
+                    keep = ~finished[rows]
+                    rows, tok = rows[keep], tok[keep]
+                    cache.keep_rows(keep)
+                    mask = None if mask is None else mask[keep]
+                    positions = None if positions is None else positions[keep]
+                    seen = None if seen is None else seen[keep]
         finally:
             self.train(was_training)
 

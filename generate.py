@@ -14,6 +14,7 @@ import sys
 import torch
 
 import trainer
+from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 ckpt = 'checkpoints/sft/ckpt.pt'
@@ -29,33 +30,6 @@ device = 'auto'            # auto = cuda, then mps, then cpu
 # -----------------------------------------------------------------------------
 
 COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply"
-
-
-class StreamDecoder:
-    """Turns token ids into printable text as they arrive. A byte-level token can hold part of a UTF-8
-    character (a Chinese character is 3 bytes and BPE may split it), and decoding such a prefix gives U+FFFD;
-    so the last few ids are held back until they decode to whole characters. An incomplete character spans
-    at most 3 bytes, hence at most the last 3 ids; anything still undecodable after that is invalid for good
-    and is let through as U+FFFD. Decoding only the pending ids keeps this O(1) per token."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
-
-    def push(self, token_id) -> str:
-        self.pending.append(int(token_id))
-        for keep in range(min(3, len(self.pending)) + 1):
-            head = self.pending[:len(self.pending) - keep]
-            text = self.tokenizer.decode(head)
-            if not text.endswith("\ufffd"):
-                self.pending = self.pending[len(head):]
-                return text
-        return self.flush()
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.pending)
-        self.pending = []
-        return text
 
 
 def fit_chat(tokenizer, messages, block_size, max_new_tokens):
@@ -93,11 +67,10 @@ def fit_chat(tokenizer, messages, block_size, max_new_tokens):
 
 
 def fit_text(tokenizer, text, block_size, max_new_tokens):
-    """Plain-text prompt for a pretraining checkpoint: documents were encode(text) + [eot], concatenated, so a
-    leading eot says "a new document starts here". Long text keeps its end."""
+    """Plain-text prompt for a pretraining checkpoint (Tokenizer.render_text) that leaves room for the reply.
+    Long text keeps its end."""
     budget = block_size - min(max_new_tokens, block_size // 2)
-    ids = [tokenizer.eot_id] + tokenizer.encode(text)
-    return ids[-budget:]
+    return tokenizer.render_text(text)[-budget:]
 
 
 def stream_reply(model, tokenizer, ids, gen, out):

@@ -103,7 +103,7 @@ class Tokenizer:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         # ids outside the vocabulary (a model whose embedding is padded past vocab_size) are dropped by the
-        # library; an incomplete UTF-8 sequence at the end decodes to U+FFFD (see generate.py's streaming)
+        # library; an incomplete UTF-8 sequence at the end decodes to U+FFFD (see StreamDecoder)
         return self.tk.decode(ids, skip_special_tokens=False)
 
     # ---------------------------------------------------------------- chat template
@@ -126,6 +126,11 @@ class Tokenizer:
         ids, _ = self.render_chat(messages)
         return ids + [self.assistant_id]
 
+    def render_text(self, text: str) -> list[int]:
+        """Plain-text prompt for a pretraining checkpoint: documents were encode(text) + [eot], concatenated, so a
+        leading eot says "a new document starts here"."""
+        return [self.eot_id] + self.encode(text)
+
 
 def check_messages(messages):
     """ValueError naming the message index and field, so a bad line in a data file is easy to find."""
@@ -142,6 +147,33 @@ def check_messages(messages):
             raise ValueError(f"messages[{i}]: missing field 'content'")
         if not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}]: field 'content' must be a string, got {type(m['content']).__name__}")
+
+
+class StreamDecoder:
+    """Turns token ids into printable text as they arrive. A byte-level token can hold part of a UTF-8
+    character (a Chinese character is 3 bytes and BPE may split it), and decoding such a prefix gives U+FFFD;
+    so the last few ids are held back until they decode to whole characters. An incomplete character spans
+    at most 3 bytes, hence at most the last 3 ids; anything still undecodable after that is invalid for good
+    and is let through as U+FFFD. Decoding only the pending ids keeps this O(1) per token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token_id) -> str:
+        self.pending.append(int(token_id))
+        for keep in range(min(3, len(self.pending)) + 1):
+            head = self.pending[:len(self.pending) - keep]
+            text = self.tokenizer.decode(head)
+            if not text.endswith("\ufffd"):
+                self.pending = self.pending[len(head):]
+                return text
+        return self.flush()
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending)
+        self.pending = []
+        return text
 
 
 if __name__ == "__main__":

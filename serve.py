@@ -142,6 +142,7 @@ class Scheduler:
         self.cond = threading.Condition()
         self.running = 0            # rows of the current batch still being decoded
         self.generated_tokens = 0   # since start, for /health and the benchmark
+        self.batches = 0
         self.stop_tokens = sorted(tokenizer.special_ids)
         threading.Thread(target=self.work, name="decode", daemon=True).start()
 
@@ -171,6 +172,7 @@ class Scheduler:
                 batch.append(row)
             self.waiting.extendleft(reversed(later))
             self.running = len(batch)
+            self.batches += bool(batch)
             return batch
 
     def work(self):
@@ -322,7 +324,8 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "chat": chat, "running": scheduler.running,
-                "waiting": len(scheduler.waiting), "generated_tokens": scheduler.generated_tokens}
+                "waiting": len(scheduler.waiting), "batches": scheduler.batches,
+                "generated_tokens": scheduler.generated_tokens}
 
     @app.get("/v1/models")
     async def models():

@@ -380,7 +380,7 @@ class GPT(nn.Module):
             return
         device = idx.device
         per_row = isinstance(generator, (list, tuple))
-        if per_row:
+        if per_row:  # each computed row's own (temperature, top_k, top_p, generator), indexed by batch row
             def at(v, i):
                 return v[i] if isinstance(v, (list, tuple)) else v
             settings = [(at(temperature, i), at(top_k, i), at(top_p, i), generator[i]) for i in range(B)]
@@ -413,8 +413,7 @@ class GPT(nn.Module):
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, repetition_penalty)
                 if per_row:
-                    sampled = torch.cat([sample(logits[j:j + 1], *settings[r])
-                                         for j, r in enumerate(rows.tolist())])
+                    sampled = sample(logits, *map(list, zip(*[settings[r] for r in rows.tolist()])))
                 else:
                     sampled = sample(logits, temperature, top_k, top_p, generator)
                 next_tok = torch.full((B,), pad_id, dtype=torch.long, device=device)
@@ -475,22 +474,49 @@ def apply_repetition_penalty(logits, seen, penalty):
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) float logits -> (B,) token ids."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+    """(B, V) float logits -> (B,) token ids. temperature 0 = greedy; top_k None or 0 and top_p None or 1 = off.
+    Independent rows: temperature, top_k and top_p may each be a list of B values and generator a list of B
+    generators; each row then draws from its own generator (none for a greedy row), exactly as it would alone."""
+    if not any(isinstance(v, (list, tuple)) for v in (temperature, top_k, top_p, generator)):
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token once the tokens before it already hold top_p of the mass (the top token always stays)
+            drop = probs.cumsum(dim=-1) - probs > top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    # the same steps with one setting per row, batched; only the draws are made row by row
+    B, V = logits.shape
+
+    def per_row(v):
+        return list(v) if isinstance(v, (list, tuple)) else [v] * B
+    temps, gens = per_row(temperature), per_row(generator)
+    ks = [k if k and k < V else V for k in per_row(top_k)]
+    ps = [p if p is not None and p < 1.0 else 1.0 for p in per_row(top_p)]
+    greedy = logits.argmax(dim=-1)
+    logits = logits / torch.tensor([t or 1.0 for t in temps], dtype=logits.dtype, device=logits.device)[:, None]
+    if min(ks) < V:
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if min(ps) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the tokens before it already hold top_p of the mass (the top token always stays)
-        drop = probs.cumsum(dim=-1) - probs > top_p
+        top_p_ = torch.tensor(ps, dtype=probs.dtype, device=logits.device)[:, None]
+        drop = (probs.cumsum(dim=-1) - probs > top_p_) & (top_p_ < 1.0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.stack([greedy[i] if temps[i] == 0 else torch.multinomial(probs[i], 1, generator=gens[i])[0]
+                        for i in range(B)])
 
 
 def left_pad(seqs, pad_id):

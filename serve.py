@@ -44,6 +44,7 @@ port = 8000
 api_key = ''               # non-empty: every /v1 request needs `Authorization: Bearer <api_key>`
 max_batch = 8              # requests decoded together
 max_queue = 64             # waiting requests beyond this are answered 503
+batch_window = 0.01        # seconds a batch waits for more requests to arrive before it starts (when not full)
 max_tokens = 256           # reply length when a request does not say (always capped by the context)
 temperature = 0.7          # defaults for requests that leave them out; 0 = greedy
 top_k = 50                 # not in the protocol: the server's setting for every request; 0 = off
@@ -135,9 +136,9 @@ class Scheduler:
     the batch being formed while every row still fits the context (longest prompt + longest reply <=
     block_size) and the batch has room; one that does not fit waits for the next batch, keeping its place."""
 
-    def __init__(self, model, tokenizer, device, autocast, max_batch, max_queue, top_k):
+    def __init__(self, model, tokenizer, device, autocast, max_batch, max_queue, top_k, batch_window):
         self.model, self.tokenizer, self.device, self.autocast = model, tokenizer, device, autocast
-        self.max_batch, self.max_queue, self.top_k = max_batch, max_queue, top_k
+        self.max_batch, self.max_queue, self.top_k, self.batch_window = max_batch, max_queue, top_k, batch_window
         self.waiting = collections.deque()
         self.cond = threading.Condition()
         self.running = 0            # rows of the current batch still being decoded
@@ -158,6 +159,11 @@ class Scheduler:
         with self.cond:
             while not self.waiting:
                 self.cond.wait()
+            # clients that send together never arrive in the same instant: without a short wait the first
+            # request would start a batch of one and the rest would wait for it to finish
+            deadline = time.monotonic() + self.batch_window
+            while len(self.waiting) < self.max_batch and time.monotonic() < deadline:
+                self.cond.wait(deadline - time.monotonic())
             batch, later = [], collections.deque()
             block_size = self.model.config.block_size
             while self.waiting and len(batch) < self.max_batch:
@@ -293,7 +299,8 @@ async def read_body(request):
 def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
     """The FastAPI app serving `model`. cfg: this file's settings (max_batch, max_queue, api_key, defaults)."""
     app = FastAPI(title="serve.py", docs_url=None, redoc_url=None, openapi_url=None)
-    scheduler = Scheduler(model, tokenizer, device, autocast, cfg["max_batch"], cfg["max_queue"], cfg["top_k"] or None)
+    scheduler = Scheduler(model, tokenizer, device, autocast, cfg["max_batch"], cfg["max_queue"],
+                          cfg["top_k"] or None, cfg["batch_window"])
     rng = torch.Generator().manual_seed(cfg["seed"])
     block_size = model.config.block_size
     created = int(time.time())
@@ -456,7 +463,8 @@ def main(argv=None):
     checks = [("temperature", cfg["temperature"] >= 0, ">= 0"), ("top_p", 0 < cfg["top_p"] <= 1, "in (0, 1]"),
               ("top_k", cfg["top_k"] >= 0, ">= 0"), ("max_tokens", cfg["max_tokens"] >= 1, ">= 1"),
               ("max_batch", cfg["max_batch"] >= 1, ">= 1"), ("max_queue", cfg["max_queue"] >= 1, ">= 1"),
-              ("port", 0 < cfg["port"] < 65536, "in 1..65535")]
+              ("port", 0 < cfg["port"] < 65536, "in 1..65535"),
+              ("batch_window", cfg["batch_window"] >= 0, ">= 0")]
     for key, ok, rule in checks:
         if not ok:
             raise trainer.UserError(f"--{key} must be {rule}, got {cfg[key]}")

@@ -25,7 +25,7 @@ from tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 WORDS = ("the a small model learns to add numbers and answer questions about cities rivers people who lives in "
-         "which city is capital of what how many apples 北京 是 中国 的 首都 你好 世界 河流 城市").split()
+         "which city is capital of what how many apples 北京 是 中国 的 首都 你好 世界 河流").split()
 TOP_K = 50  # the servers' top_k, which the references below sample with too
 
 
@@ -409,7 +409,8 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
 
         def wait_for(expression, timeout=30):
             deadline = time.time() + timeout
-            while not js(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"):  # not loaded yet
+            # false, not an error, while the page is still loading
+            while not js(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"):
                 assert time.time() < deadline, f"timed out waiting for {expression}"
                 time.sleep(0.1)
 

@@ -448,7 +448,8 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
                                        {"role": "user", "content": "and the capital 北京?"}]
         assert sent[1]["stream"] is True and sent[1]["temperature"] == 1.0 and sent[1]["max_tokens"] == 200
         assert not js("document.querySelector('.error')"), js("document.querySelector('.error').textContent")
-        # the page fits the narrow window: nothing wider than the viewport
+        # the page, its settings open, fits the narrow window: nothing wider than the viewport
+        js("document.getElementById('settings').open = true")
         assert js("document.documentElement.scrollWidth <= window.innerWidth")
         png = base64.b64decode(browser.send("Page.captureScreenshot", session, format="png")["data"])
         assert png.startswith(b"\x89PNG")

@@ -2,6 +2,7 @@
 official `openai` client, raw HTTP where the client cannot send what is tested, and the web page in headless
 Chromium."""
 import base64
+import copy
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import openai
 import pytest
 import torch
 
+import quantize
 import trainer
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
@@ -31,8 +33,10 @@ TOP_K = 50  # the servers' top_k, which the references below sample with too
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """A chat (sft) and a pretraining checkpoint of one tiny random model with a 1024-token context (long
-    replies are possible, so a client can leave mid-stream); the bilingual tokenizer gives Chinese tokens."""
+    """Checkpoints of one tiny random model with a 1024-token context; the bilingual tokenizer gives Chinese tokens.
+    `sft` is the model as initialised, which now and then samples a special token and stops; `pretrain` and
+    `sft_endless` are the same model made unable to sample one, so that every reply runs to max_tokens (a client
+    can leave mid-stream, a queue can fill). Returns (paths, models, tokenizer), keyed by name."""
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(12)) + f" {rng.randint(0, 999)}." for _ in range(400)]
     tok = Tokenizer.train(texts, vocab_size=400)
@@ -40,14 +44,24 @@ def ckpts(tmp_path_factory):
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
                       tie_embeddings=False)  # tied + random init just echoes the last token (a header)
     model = GPT(cfg).eval()
+    endless = copy.deepcopy(model)
+    with torch.no_grad():
+        # a large constant in dimension 0 of every embedding dominates the residual stream (the blocks add ~0.02),
+        # so the final hidden state's dimension 0 is about +sqrt(n_embd) whatever the text; the special tokens'
+        # output rows weigh it by -10: their logits sit ~57 below every other token's
+        endless.embed_tokens.weight[:, 0] += 10.0
+        endless.lm_head.weight[sorted(tok.special_ids), 0] = -10.0
+        probe = torch.randint(0, tok.vocab_size, (4, 64))
+        special = endless(probe)[0].softmax(-1)[..., sorted(tok.special_ids)]
+        assert special.max() < 1e-15  # the construction holds: no reply of this model can stop early
     folder = tmp_path_factory.mktemp("serve")
-    paths = {}
-    for stage in ("sft", "pretrain"):
-        paths[stage] = str(folder / stage / "ckpt.pt")
-        trainer.save_checkpoint(paths[stage], {"model_config": cfg.to_dict(), "model": model.state_dict(),
-                                               "tokenizer": tok.to_json(), "stage": stage, "train_config": {},
-                                               "metrics": {}})
-    return paths, model, tok
+    paths, models = {}, {"sft": model, "pretrain": endless, "sft_endless": endless}
+    for name, m in models.items():
+        paths[name] = str(folder / name / "ckpt.pt")
+        trainer.save_checkpoint(paths[name], {"model_config": cfg.to_dict(), "model": m.state_dict(),
+                                              "tokenizer": tok.to_json(), "stage": name.split("_")[0],
+                                              "train_config": {}, "metrics": {}})
+    return paths, models, tok
 
 
 def free_port():
@@ -136,7 +150,8 @@ def test_models_lists_the_checkpoint_by_its_folder_name(chat_server):
 
 def test_reply_is_what_the_model_generates_alone_with_the_same_seed(chat_server, ckpts):
     # guards against the server changing the prompt (template), the sampling settings or the seed on the way
-    _, model, tok = ckpts
+    _, models, tok = ckpts
+    model = models["sft"]
     r = client(chat_server).chat.completions.create(model="anything", messages=user("what is the capital 北京"),
                                                     temperature=0.9, top_p=0.95, max_tokens=24, seed=7)
     ids = tok.render_prompt(user("what is the capital 北京"))
@@ -174,12 +189,16 @@ def test_stream_ends_with_done_and_each_event_is_a_chunk(chat_server):
         assert e.startswith("data: ") and json.loads(e[6:])["object"] == "chat.completion.chunk"
 
 
-def test_stop_string_ends_the_reply_before_it(chat_server):
+def test_stop_string_ends_the_reply_before_it(chat_server, ckpts):
+    # guards against a stop string split across tokens or chunks slipping through, and text after it leaking
+    _, models, tok = ckpts
+    ids = tok.render_prompt(user("the river"))
+    # a seed whose reply is long enough to hold a stop string in its middle
+    seed = next(s for s in range(100) if len(reference(models["sft"], tok, ids, 40, 1.0, 0.9, s)[0].strip()) > 12)
     c = client(chat_server)
-    kw = dict(model="sft", messages=user("the river"), temperature=1.0, max_tokens=40, seed=5)
+    kw = dict(model="sft", messages=user("the river"), temperature=1.0, max_tokens=40, seed=seed)
     full = c.chat.completions.create(**kw).choices[0].message.content
     stop = full[5:8]
-    assert len(full) > 8 and stop.strip()
     cut = c.chat.completions.create(stop=[stop, "never appears 12345"], **kw)
     assert cut.choices[0].message.content == full[:full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -190,7 +209,8 @@ def test_stop_string_ends_the_reply_before_it(chat_server):
 def test_sixteen_concurrent_requests_are_batched_and_all_answered_in_full(chat_server, ckpts):
     # guards against rows of one batch mixing up (each reply must be its own seed's), a lost request, and a
     # server that decodes one request at a time
-    _, model, tok = ckpts
+    _, models, tok = ckpts
+    model = models["sft"]
     c = client(chat_server)
     before = chat_server.health()
     replies = [None] * 16
@@ -284,28 +304,27 @@ def test_unknown_path_gets_404_with_the_error_object(chat_server):
 
 # ------------------------------------------------------------------------------------------------ load
 
-def test_a_client_leaving_mid_stream_frees_its_row(chat_server):
+def test_a_client_leaving_mid_stream_frees_its_row(text_server):
     # guards against a gone client's row decoding to its end (costing every other request) or hanging the server
-    c = client(chat_server)
-    kw = dict(model="sft", messages=user("rivers"), temperature=0, max_tokens=900)
-    assert c.chat.completions.create(**kw).choices[0].finish_reason == "length"  # this reply runs long
-    before = chat_server.health()["generated_tokens"]
-    stream = c.chat.completions.create(stream=True, **kw)
+    c = client(text_server)
+    before = text_server.health()["generated_tokens"]
+    stream = c.completions.create(model="pretrain", prompt="rivers", max_tokens=900, temperature=0, stream=True)
     next(iter(stream))
     stream.close()
     deadline = time.time() + 20
-    while chat_server.health()["running"]:
+    while text_server.health()["running"]:
         assert time.time() < deadline, "the row is still decoding"
         time.sleep(0.05)
     time.sleep(0.3)
-    spent = chat_server.health()["generated_tokens"] - before
-    assert spent < 900, spent
+    spent = text_server.health()["generated_tokens"] - before
+    assert spent < 900, spent  # the model cannot stop on its own (ckpts): only the disconnect ended the row
     # and the server goes on answering
-    assert c.chat.completions.create(model="sft", messages=user("hi"), max_tokens=3).usage.completion_tokens > 0
+    assert c.completions.create(model="pretrain", prompt="hi", max_tokens=3).usage.completion_tokens == 3
 
 
 def test_pretraining_checkpoint_continues_text_and_refuses_chat(text_server, ckpts):
-    _, model, tok = ckpts
+    _, models, tok = ckpts
+    model = models["pretrain"]
     c = client(text_server)
     r = c.completions.create(model="pretrain", prompt="the capital of", max_tokens=20, temperature=0.7, seed=4)
     text, n, finish = reference(model, tok, tok.render_text("the capital of"), 20, 0.7, 0.9, 4)
@@ -321,8 +340,7 @@ def test_pretraining_checkpoint_continues_text_and_refuses_chat(text_server, ckp
 def test_a_full_queue_answers_503_and_the_server_stays_up(text_server):
     # max_batch=1, max_queue=1: one request decoding, one waiting, the rest refused at once with a clear message
     c = client(text_server)
-    kw = dict(model="pretrain", prompt="rivers", max_tokens=900, temperature=0)
-    assert c.completions.create(**kw).choices[0].finish_reason == "length"
+    kw = dict(model="pretrain", prompt="rivers", max_tokens=900, temperature=0)  # runs to the end (ckpts)
     results = [None] * 5
 
     def ask(i):
@@ -341,6 +359,28 @@ def test_a_full_queue_answers_503_and_the_server_stays_up(text_server):
     assert all(r == 900 for r in results if not isinstance(r, tuple))  # the admitted ones in full
     assert len(refused) <= 3
     assert text_server.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_a_quantized_checkpoint_is_served(ckpts, tmp_path, mode):
+    # guards against the server building the model its own way instead of the project's checkpoint loading
+    paths, _, tok = ckpts
+    ckpt = torch.load(paths["sft"], weights_only=True)
+    model, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    ckpt["quantization"] = quantize.quantize_model(model, mode)
+    ckpt["model"] = model.state_dict()
+    path = str(tmp_path / f"{mode}.pt")
+    torch.save(ckpt, path)
+    server = Server(tmp_path, f"--ckpt={path}")
+    try:
+        c = client(server)
+        assert [m.id for m in c.models.list().data] == [mode]
+        r = c.chat.completions.create(model=mode, messages=user("how many apples"), max_tokens=12, seed=9)
+        ids = tok.render_prompt(user("how many apples"))
+        quantized, _ = trainer.model_from_checkpoint(torch.load(path, weights_only=True), "cpu")
+        assert r.choices[0].message.content == reference(quantized, tok, ids, 12, 0.7, 0.9, 9)[0]
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------------------ the page
@@ -393,7 +433,7 @@ def find_chromium():
 @pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (Debian: apt-get install chromium)")
 def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
     paths, _, _ = ckpts
-    server = Server(tmp_path, f"--ckpt={paths['sft']}", "--seed=3")
+    server = Server(tmp_path, f"--ckpt={paths['sft_endless']}")  # replies long enough to watch them grow
     browser = Chromium(find_chromium(), 420, 820)  # a phone-wide window
     try:
         target = browser.send("Target.createTarget", url=server.url + "/")["targetId"]
@@ -429,7 +469,7 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
         js("""window.sent = []; const f = window.fetch; window.fetch = (url, opt) => {
                 if (opt && opt.body) window.sent.push(JSON.parse(opt.body)); return f(url, opt); }; 1""")
         js("document.getElementById('system').value = 'You answer briefly. 简短回答。'")
-        js("document.getElementById('temperature').value = '1.0'; document.getElementById('max_tokens').value = '200'")
+        js("document.getElementById('temperature').value = '1.0'; document.getElementById('max_tokens').value = '120'")
         type_and_send("你好！How many apples? 🍎")
         wait_for("document.querySelectorAll('.assistant').length == 1 && document.body.dataset.busy === ''")
         first = js("document.querySelector('.assistant').textContent")
@@ -437,6 +477,7 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
         assert first and len(set(growth)) >= 3, (first, growth)  # several partial texts were shown
         assert js("document.querySelector('.user').textContent") == "你好！How many apples? 🍎"
 
+        js("document.getElementById('max_tokens').value = '40'")  # each request reads the controls anew
         type_and_send("and the capital 北京?")
         wait_for("document.querySelectorAll('.assistant').length == 2 && document.body.dataset.busy === ''")
         assert js("document.querySelectorAll('.user').length") == 2
@@ -446,7 +487,7 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
                                        {"role": "user", "content": "你好！How many apples? 🍎"},
                                        {"role": "assistant", "content": first},
                                        {"role": "user", "content": "and the capital 北京?"}]
-        assert sent[1]["stream"] is True and sent[1]["temperature"] == 1.0 and sent[1]["max_tokens"] == 200
+        assert sent[1]["stream"] is True and sent[1]["temperature"] == 1.0 and sent[1]["max_tokens"] == 40
         assert not js("document.querySelector('.error')"), js("document.querySelector('.error').textContent")
         # the page, its settings open, fits the narrow window: nothing wider than the viewport
         js("document.getElementById('settings').open = true")

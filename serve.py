@@ -54,6 +54,7 @@ device = 'auto'            # auto = cuda, then mps, then cpu
 # -----------------------------------------------------------------------------
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MAX_BODY = 4 << 20  # bytes: far beyond any context these models have, and a request cannot make the server hold more
 
 
 class BadRequest(Exception):
@@ -282,8 +283,16 @@ def sampling(body, cfg, prompt_len, block_size, rng, param):
             bool(options.get("include_usage")))
 
 
+class TooLarge(Exception):
+    """A request body over MAX_BODY: HTTP 413."""
+
+
 async def read_body(request):
-    raw = await request.body()
+    raw = bytearray()
+    async for part in request.stream():  # read in parts, so that an oversized body is refused before it is all in
+        raw += part
+        if len(raw) > MAX_BODY:
+            raise TooLarge(f"the request body is over {MAX_BODY >> 20} MB")
     try:
         body = json.loads(raw)
     except ValueError as e:  # bad JSON and bad UTF-8 alike
@@ -312,6 +321,14 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
     @app.exception_handler(Busy)
     async def busy(request, e):
         return error_response(503, str(e), "server_error", code="server_busy")
+
+    @app.exception_handler(TooLarge)
+    async def too_large(request, e):
+        return error_response(413, str(e), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def bug(request, e):  # still the protocol's error object, so that clients show the message
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e):  # unknown path, wrong method: the same error object

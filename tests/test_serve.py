@@ -272,6 +272,14 @@ def test_bad_input_gets_400_with_the_error_object(chat_server, body, param, frag
     assert fragment in err["message"] and err["type"] == "invalid_request_error" and err["param"] == param
 
 
+def test_an_oversized_body_is_refused_with_413(chat_server):
+    # guards against one request making the server hold any amount of memory
+    body = json.dumps({"messages": user("apples " * ((5 << 20) // 7))}).encode()
+    r = httpx.post(chat_server.url + "/v1/chat/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "over 4 MB" in r.json()["error"]["message"]
+
+
 def test_a_conversation_longer_than_the_context_says_by_how_much(chat_server, ckpts):
     _, _, tok = ckpts
     messages = user("apples " * 1100)

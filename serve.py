@@ -21,6 +21,7 @@ import collections
 import hmac
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -485,6 +486,11 @@ def main(argv=None):
     for key, ok, rule in checks:
         if not ok:
             raise trainer.UserError(f"--{key} must be {rule}, got {cfg[key]}")
+    try:  # before the model loads: a port in use is the commonest mistake, and uvicorn would only log it
+        socket.create_server((cfg["host"], cfg["port"])).close()
+    except OSError as e:
+        raise trainer.UserError(f"--host={cfg['host']} --port={cfg['port']}: cannot listen there "
+                                f"({e.strerror or e})") from None
     path = cfg["ckpt"]
     checkpoint = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
     rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=False)

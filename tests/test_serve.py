@@ -305,6 +305,16 @@ def test_api_key_is_required_on_the_api_but_not_on_the_page(chat_server):
     assert httpx.get(chat_server.url + "/health", timeout=10).status_code == 200
 
 
+def test_bad_command_line_is_one_error_line(chat_server, ckpts):
+    paths, _, _ = ckpts
+    for args, fragment in [([f"--port={chat_server.port}"], "cannot listen there"),
+                           (["--ckpt=/no/such.pt", f"--port={free_port()}"], "no such checkpoint")]:
+        r = subprocess.run([sys.executable, "serve.py", f"--ckpt={paths['sft']}", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and fragment in err, err
+
+
 def test_unknown_path_gets_404_with_the_error_object(chat_server):
     r = httpx.get(chat_server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert r.status_code == 404 and "error" in r.json()

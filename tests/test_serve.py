@@ -506,7 +506,7 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
                                        {"role": "assistant", "content": first},
                                        {"role": "user", "content": "and the capital 北京?"}]
         assert sent[1]["stream"] is True and sent[1]["temperature"] == 1.0 and sent[1]["max_tokens"] == 40
-        assert not js("document.querySelector('.error')"), js("document.querySelector('.error').textContent")
+        assert not js("!!document.querySelector('.error')"), js("document.querySelector('.error').textContent")
         # the page, its settings open, fits the narrow window: nothing wider than the viewport
         js("document.getElementById('settings').open = true")
         assert js("document.documentElement.scrollWidth <= window.innerWidth")
@@ -518,6 +518,26 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
 
         js("document.getElementById('clear').click()")
         assert js("document.querySelectorAll('.msg').length") == 0
+
+        # Stop ends a long reply at once, keeps what came, and frees the server's row
+        js("document.getElementById('max_tokens').value = '900'")
+        before = server.health()["generated_tokens"]
+        type_and_send("a long one")
+        wait_for("document.querySelector('.assistant').textContent.length > 5")
+        js("document.getElementById('stop').click()")
+        wait_for("document.body.dataset.busy === '' && !!document.querySelector('.note')")
+        assert js("document.querySelector('.note').textContent") == "(stopped)"
+        deadline = time.time() + 20
+        while server.health()["running"]:
+            assert time.time() < deadline, "the stopped reply's row is still decoding"
+            time.sleep(0.05)
+        assert server.health()["generated_tokens"] - before < 900
+
+        # the server's 400 is shown as the message it carries, and the turn is not kept
+        js("document.getElementById('temperature').value = '-1'")
+        type_and_send("bad settings")
+        wait_for("document.body.dataset.busy === '' && !!document.querySelector('.error')")
+        assert "'temperature' must be >= 0" in js("document.querySelector('.error').textContent")
     finally:
         browser.close()
         server.stop()

@@ -448,44 +448,60 @@ def find_chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (Debian: apt-get install chromium)")
+class Page:
+    """The server's page open in a phone-wide headless Chromium window."""
+
+    def __init__(self, server, width=420, height=820):
+        self.browser = Chromium(find_chromium(), width, height)
+        target = self.browser.send("Target.createTarget", url=server.url + "/")["targetId"]
+        self.session = self.browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.browser.send("Emulation.setDeviceMetricsOverride", self.session, width=width, height=height,
+                          deviceScaleFactor=1, mobile=True)
+
+    def js(self, expression):
+        r = self.browser.send("Runtime.evaluate", self.session, expression=expression, returnByValue=True,
+                              awaitPromise=True)
+        assert "exceptionDetails" not in r, r
+        return r["result"].get("value")
+
+    def wait_for(self, expression, timeout=30):
+        deadline = time.time() + timeout
+        # false, not an error, while the page is still loading
+        while not self.js(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"):
+            assert time.time() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.1)
+
+    def type_and_send(self, text):
+        self.js("document.getElementById('input').focus()")
+        self.browser.send("Input.insertText", self.session, text=text)
+        self.browser.send("Input.dispatchKeyEvent", self.session, type="keyDown", key="Enter", code="Enter",
+                          windowsVirtualKeyCode=13)
+
+    def record_requests(self):
+        self.js("""window.sent = []; const f = window.fetch; window.fetch = (url, opt) => {
+                     if (opt && opt.body) window.sent.push([url, JSON.parse(opt.body)]); return f(url, opt); }; 1""")
+
+    def close(self):
+        self.browser.close()
+
+
+NO_CHROMIUM = "no Chromium installed (Debian: apt-get install chromium)"
+
+
+@pytest.mark.skipif(find_chromium() is None, reason=NO_CHROMIUM)
 def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
     paths, _, _ = ckpts
     server = Server(tmp_path, f"--ckpt={paths['sft_endless']}")  # replies long enough to watch them grow
-    browser = Chromium(find_chromium(), 420, 820)  # a phone-wide window
+    page = Page(server)
+    js, wait_for, type_and_send = page.js, page.wait_for, page.type_and_send
     try:
-        target = browser.send("Target.createTarget", url=server.url + "/")["targetId"]
-        session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        browser.send("Emulation.setDeviceMetricsOverride", session, width=420, height=820, deviceScaleFactor=1,
-                     mobile=True)
-
-        def js(expression):
-            r = browser.send("Runtime.evaluate", session, expression=expression, returnByValue=True,
-                             awaitPromise=True)
-            assert "exceptionDetails" not in r, r
-            return r["result"].get("value")
-
-        def wait_for(expression, timeout=30):
-            deadline = time.time() + timeout
-            # false, not an error, while the page is still loading
-            while not js(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"):
-                assert time.time() < deadline, f"timed out waiting for {expression}"
-                time.sleep(0.1)
-
-        def type_and_send(text):
-            js("document.getElementById('input').focus()")
-            browser.send("Input.insertText", session, text=text)
-            browser.send("Input.dispatchKeyEvent", session, type="keyDown", key="Enter", code="Enter",
-                         windowsVirtualKeyCode=13)
-
         wait_for("document.getElementById('model').textContent.startsWith('sft')")
         # every change to the reply's text is recorded: streamed text grows in several steps, not in one
         js("""window.seen = []; new MutationObserver(() => {
                 const a = document.querySelectorAll('.assistant');
                 if (a.length) window.seen.push(a[a.length - 1].textContent.length);
               }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true}); 1""")
-        js("""window.sent = []; const f = window.fetch; window.fetch = (url, opt) => {
-                if (opt && opt.body) window.sent.push(JSON.parse(opt.body)); return f(url, opt); }; 1""")
+        page.record_requests()
         js("document.getElementById('system').value = 'You answer briefly. 简短回答。'")
         js("document.getElementById('temperature').value = '1.0'; document.getElementById('max_tokens').value = '120'")
         type_and_send("你好！How many apples? 🍎")
@@ -500,17 +516,17 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
         wait_for("document.querySelectorAll('.assistant').length == 2 && document.body.dataset.busy === ''")
         assert js("document.querySelectorAll('.user').length") == 2
         # the second request carried the whole conversation: system prompt, first turn, reply, second turn
-        sent = js("window.sent")
-        assert sent[1]["messages"] == [{"role": "system", "content": "You answer briefly. 简短回答。"},
+        url, sent = js("window.sent")[1]
+        assert url == "/v1/chat/completions" and sent["messages"] == [{"role": "system", "content": "You answer briefly. 简短回答。"},
                                        {"role": "user", "content": "你好！How many apples? 🍎"},
                                        {"role": "assistant", "content": first},
                                        {"role": "user", "content": "and the capital 北京?"}]
-        assert sent[1]["stream"] is True and sent[1]["temperature"] == 1.0 and sent[1]["max_tokens"] == 40
+        assert sent["stream"] is True and sent["temperature"] == 1.0 and sent["max_tokens"] == 40
         assert not js("!!document.querySelector('.error')"), js("document.querySelector('.error').textContent")
         # the page, its settings open, fits the narrow window: nothing wider than the viewport
         js("document.getElementById('settings').open = true")
         assert js("document.documentElement.scrollWidth <= window.innerWidth")
-        png = base64.b64decode(browser.send("Page.captureScreenshot", session, format="png")["data"])
+        png = base64.b64decode(page.browser.send("Page.captureScreenshot", page.session, format="png")["data"])
         assert png.startswith(b"\x89PNG")
         if os.environ.get("SERVE_SCREENSHOT"):  # python -m pytest ... with SERVE_SCREENSHOT=docs/serve.png
             with open(os.path.join(ROOT, os.environ["SERVE_SCREENSHOT"]), "wb") as f:
@@ -539,5 +555,26 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
         wait_for("document.body.dataset.busy === '' && !!document.querySelector('.error')")
         assert "'temperature' must be >= 0" in js("document.querySelector('.error').textContent")
     finally:
-        browser.close()
+        page.close()
+        server.stop()
+
+
+@pytest.mark.skipif(find_chromium() is None, reason=NO_CHROMIUM)
+def test_page_continues_text_with_a_pretraining_checkpoint(ckpts, tmp_path):
+    # a pretraining checkpoint has no chat template: the page must send plain prompts to /v1/completions
+    paths, _, _ = ckpts
+    server = Server(tmp_path, f"--ckpt={paths['pretrain']}")
+    page = Page(server)
+    try:
+        page.wait_for("document.getElementById('model').textContent.includes('text continuation')")
+        page.record_requests()
+        page.js("document.getElementById('max_tokens').value = '16'")
+        page.type_and_send("the capital of")
+        page.wait_for("document.body.dataset.busy === '' && !!document.querySelector('.note')")
+        url, sent = page.js("window.sent")[0]
+        assert url == "/v1/completions" and sent["prompt"] == "the capital of" and "messages" not in sent
+        assert page.js("document.querySelector('.assistant').textContent")
+        assert not page.js("!!document.querySelector('.error')")
+    finally:
+        page.close()
         server.stop()

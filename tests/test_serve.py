@@ -517,10 +517,11 @@ def test_page_streams_a_reply_and_keeps_a_second_turn(ckpts, tmp_path):
         assert js("document.querySelectorAll('.user').length") == 2
         # the second request carried the whole conversation: system prompt, first turn, reply, second turn
         url, sent = js("window.sent")[1]
-        assert url == "/v1/chat/completions" and sent["messages"] == [{"role": "system", "content": "You answer briefly. 简短回答。"},
-                                       {"role": "user", "content": "你好！How many apples? 🍎"},
-                                       {"role": "assistant", "content": first},
-                                       {"role": "user", "content": "and the capital 北京?"}]
+        assert url == "/v1/chat/completions"
+        assert sent["messages"] == [{"role": "system", "content": "You answer briefly. 简短回答。"},
+                                    {"role": "user", "content": "你好！How many apples? 🍎"},
+                                    {"role": "assistant", "content": first},
+                                    {"role": "user", "content": "and the capital 北京?"}]
         assert sent["stream"] is True and sent["temperature"] == 1.0 and sent["max_tokens"] == 40
         assert not js("!!document.querySelector('.error')"), js("document.querySelector('.error').textContent")
         # the page, its settings open, fits the narrow window: nothing wider than the viewport

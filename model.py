@@ -477,24 +477,27 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, V) float logits -> (B,) token ids. temperature 0 = greedy; top_k None or 0 and top_p None or 1 = off.
     Independent rows: temperature, top_k and top_p may each be a list of B values and generator a list of B
     generators; each row then draws from its own generator (none for a greedy row), exactly as it would alone."""
-    if not any(isinstance(v, (list, tuple)) for v in (temperature, top_k, top_p, generator)):
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # drop a token once the tokens before it already hold top_p of the mass (the top token always stays)
-            drop = probs.cumsum(dim=-1) - probs > top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if any(isinstance(v, (list, tuple)) for v in (temperature, top_k, top_p, generator)):
+        return sample_rows(logits, temperature, top_k, top_p, generator)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the top token always stays)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    # the same steps with one setting per row, batched; only the draws are made row by row
+
+def sample_rows(logits, temperature, top_k, top_p, generator):
+    """sample() with one setting per row: the same steps batched; only the draws are made row by row."""
     B, V = logits.shape
 
     def per_row(v):

@@ -297,6 +297,19 @@ def test_generate_stream_yields_the_same_tokens_as_generate():
     assert torch.equal(torch.stack(steps, dim=1), out[:, idx.shape[1]:])
 
 
+def test_sample_with_per_row_settings_equals_each_row_sampled_alone():
+    # guards against the batched per-row filtering (top-k by sort, top-p per row) drifting from sample()'s own
+    logits = torch.randn(6, 97, generator=torch.Generator().manual_seed(0)) * 3
+    settings = [(0.0, None, None), (1.0, 5, None), (0.7, None, 0.5), (1.3, 20, 0.9), (1.0, 0, 1.0), (0.5, 96, 0.99)]
+    for draw in range(5):
+        seeds = [10 * draw + i for i in range(6)]
+        rows = model.sample(logits, [s[0] for s in settings], [s[1] for s in settings], [s[2] for s in settings],
+                            [torch.Generator().manual_seed(s) for s in seeds])
+        for i, (t, k, p) in enumerate(settings):
+            alone = model.sample(logits[i:i + 1], t, k, p, torch.Generator().manual_seed(seeds[i]))
+            assert rows[i].item() == alone.item(), (draw, i)
+
+
 def test_per_row_generators_make_each_row_sample_as_if_alone():
     # guards against a server request's reply depending on which other requests share its batch: with one shared
     # generator a row's draws depend on every row before it; with its own generator, settings and seed, never

@@ -29,7 +29,7 @@ import uuid
 
 import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -64,6 +64,10 @@ class BadRequest(Exception):
     def __init__(self, message, param=None, code=None):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+
+
+class Unauthorized(Exception):
+    """No or a wrong API key: HTTP 401."""
 
 
 class Busy(Exception):
@@ -336,15 +340,19 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
         return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
                               "invalid_request_error")
 
-    @app.middleware("http")
-    async def check_key(request, call_next):
-        # the page and /health need no key (the page asks for it; a load balancer probes /health)
-        if cfg["api_key"] and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg['api_key']}".encode()):
-                return error_response(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                                      "invalid_request_error", code="invalid_api_key")
-        return await call_next(request)
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request, e):
+        return error_response(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                              "invalid_request_error", code="invalid_api_key")
+
+    async def check_key(request: Request):
+        # on the /v1 routes only: the page and /health need no key (the page asks for it; a load balancer
+        # probes /health). A route dependency, not an HTTP middleware: that would hide a client's disconnect.
+        given = request.headers.get("authorization", "")
+        if cfg["api_key"] and not hmac.compare_digest(given.encode(), f"Bearer {cfg['api_key']}".encode()):
+            raise Unauthorized()
+
+    key = [Depends(check_key)]
 
     @app.get("/health")
     async def health():
@@ -352,12 +360,12 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
                 "waiting": len(scheduler.waiting), "batches": scheduler.batches,
                 "generated_tokens": scheduler.generated_tokens}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=key)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "local", "context_length": block_size, "chat": chat}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=key)
     async def chat_completions(request: Request):
         body = await read_body(request)
         if not chat:
@@ -373,7 +381,7 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
         ids = tokenizer.render_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
         return await answer(request, body, ids, "messages", chat_format=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=key)
     async def completions(request: Request):
         body = await read_body(request)
         prompt = body.get("prompt", "")
@@ -409,13 +417,18 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
 
         if not stream:
             pieces = []
+            check = time.monotonic() + 0.25
             while True:
                 try:
-                    event = await asyncio.wait_for(row.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:  # a client that gave up waiting frees its row
+                    event = await asyncio.wait_for(row.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() >= check:  # a client that gave up waiting frees its row
+                    check = time.monotonic() + 0.25
                     if await request.is_disconnected():
                         row.cancelled = True
                         return JSONResponse({}, status_code=499)
+                if event is None:
                     continue
                 if event[0] == "text":
                     pieces.append(event[1])

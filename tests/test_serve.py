@@ -340,6 +340,18 @@ def test_a_client_leaving_mid_stream_frees_its_row(text_server):
     assert c.completions.create(model="pretrain", prompt="hi", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_a_client_giving_up_on_a_whole_reply_frees_its_row(text_server):
+    # the same for a request without streaming: the server notices the closed connection while it waits
+    before = text_server.health()["generated_tokens"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(text_server.url + "/v1/completions", json={"prompt": "rivers", "max_tokens": 1000}, timeout=0.1)
+    deadline = time.time() + 20
+    while text_server.health()["running"]:
+        assert time.time() < deadline, "the row is still decoding"
+        time.sleep(0.05)
+    assert text_server.health()["generated_tokens"] - before < 1000
+
+
 def test_pretraining_checkpoint_continues_text_and_refuses_chat(text_server, ckpts):
     _, models, tok = ckpts
     model = models["pretrain"]

@@ -508,8 +508,11 @@ def sample_rows(logits, temperature, top_k, top_p, generator):
     greedy = logits.argmax(dim=-1)
     logits = logits / torch.tensor([t or 1.0 for t in temps], dtype=logits.dtype, device=logits.device)[:, None]
     if min(ks) < V:
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        cut = [k for k in ks if k < V]
+        top = logits.topk(max(cut), dim=-1).values                                  # (B, largest k)
+        kth = top.gather(1, torch.tensor([min(k, max(cut)) - 1 for k in ks], device=logits.device)[:, None])
+        off = torch.tensor([k == V for k in ks], device=logits.device)[:, None]   # rows without a top-k cut
+        logits = logits.masked_fill((logits < kth) & ~off, float("-inf"))
     if min(ps) < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)

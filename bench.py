@@ -8,6 +8,7 @@ and achieved FLOP/s against a plain matmul's.
     python bench.py --device=cuda --sections=model
     python bench.py --threads=1      # steadier when other jobs share the CPU cores
     python bench.py --sections=quant # NF4 storage and QLoRA's training memory against full fine-tuning
+    python bench.py --sections=serve # serve.py's aggregate tokens/s under concurrent clients against one in series
 
 Prints a table per section and, last, one JSON line with every figure. Timings are the best of several
 repeats (other processes only ever add time), with ours and the reference interleaved so that a burst of load
@@ -20,8 +21,14 @@ import json
 import multiprocessing
 import os
 import resource
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import torch
 
@@ -29,6 +36,7 @@ import lora
 import model
 import quantize
 from model import GPT, ModelConfig
+from tokenizer import Tokenizer
 
 # the benchmark model: ModelConfig's defaults, 4.9M parameters (the CPU preset trains a narrower one)
 BENCH_MODEL = dict(vocab_size=6400, block_size=512, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
@@ -37,6 +45,9 @@ PROMPT_LEN = 32
 # the quantization model: big enough that weights, gradients and optimizer state dominate the memory (29M parameters)
 QUANT_MODEL = dict(vocab_size=6400, block_size=256, n_layer=8, n_head=8, n_kv_head=8, n_embd=512)
 QUANT_BATCH, QUANT_SEQ = 1, 256  # a small batch, where QLoRA is used: activations do not swamp the weights
+# the server: the benchmark model behind serve.py; the same requests asked by 1 (in series), 8 and 32 clients
+SERVE_CLIENTS = (1, 8, 32)
+SERVE_REQUESTS, SERVE_TOKENS = 32, 48
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,7 +356,104 @@ def bench_quant(args):
     return rows, f
 
 
-SECTIONS = {"model": bench_model, "quant": bench_quant}
+# ----------------------------------------------------------------------------------------------------------------
+# serving
+
+def serve_checkpoint(folder):
+    """The benchmark model (random weights) as an SFT checkpoint that serve.py loads; a small tokenizer suffices:
+    the figures count tokens, and random weights almost never sample a stop token (6 of 6400 ids)."""
+    torch.manual_seed(0)
+    texts = [f"question {i}: which city is the capital of the river {i * 7}?" for i in range(200)]
+    tok = Tokenizer.train(texts, vocab_size=300)
+    cfg = ModelConfig(**BENCH_MODEL)
+    path = os.path.join(folder, "ckpt.pt")
+    torch.save({"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(), "tokenizer": tok.to_json(),
+                "stage": "sft", "train_config": {}, "metrics": {}}, path)
+    return path
+
+
+def post_json(url, body, timeout=600):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def run_clients(url, requests, n_clients):
+    """Wall time for n_clients threads to work through `requests` (each takes the next one when its reply is
+    complete) and the completion tokens received."""
+    todo = list(reversed(requests))
+    lock = threading.Lock()
+    tokens = [0]
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                body = todo.pop()
+            n = post_json(url, body)["usage"]["completion_tokens"]
+            with lock:
+                tokens[0] += n
+
+    threads = [threading.Thread(target=client) for _ in range(n_clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, tokens[0]
+
+
+def bench_serve(args):
+    n_req = SERVE_REQUESTS // 2 if args.quick else SERVE_REQUESTS
+    n_tok = SERVE_TOKENS // 2 if args.quick else SERVE_TOKENS
+    requests = [{"messages": [{"role": "user", "content": f"question {i}: " + "which city " * (i % 4)}],
+                 "max_tokens": n_tok, "temperature": 1.0, "seed": i} for i in range(n_req)]
+    with tempfile.TemporaryDirectory() as folder, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
+                                   f"--ckpt={serve_checkpoint(folder)}", f"--port={port}", f"--device={args.device}",
+                                   f"--max_batch={max(SERVE_CLIENTS)}", f"--max_queue={2 * n_req}"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 120
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"serve.py exited: {server.stderr.read()[-2000:]}")
+                try:
+                    urllib.request.urlopen(base + "/health", timeout=1).read()
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    if time.time() > deadline:
+                        raise RuntimeError("serve.py did not start in 120 s") from None
+                    time.sleep(0.2)
+            url = base + "/v1/chat/completions"
+            run_clients(url, requests[:4], 4)  # warm-up: allocator, first batch
+            best = {}
+            for _ in range(1 if args.quick else 2):  # rounds, each client count in turn: load shifts hit all alike
+                for c in SERVE_CLIENTS:
+                    seconds, tokens = run_clients(url, requests, c)
+                    best[c] = max(best.get(c, 0.0), tokens / seconds)
+        finally:
+            server.terminate()
+            server.wait(30)
+    rows, f = [], {}
+    for c in SERVE_CLIENTS:
+        f[f"serve_tok_s_{c}"] = best[c]
+        f[f"serve_gain_{c}"] = best[c] / best[1]
+        rows.append((f"{c} client{'s' if c > 1 else ''}" + (" (the requests in series)" if c == 1 else ""),
+                     f"{best[c]:,.0f} tok/s", "reference" if c == 1 else f"{best[c] / best[1]:.2f}x one client"))
+    rows.append(("  workload", f"{n_req} x {n_tok}", f"requests x max tokens, {BENCH_MODEL['n_layer']}-layer "
+                                                       f"width-{BENCH_MODEL['n_embd']} model, max_batch "
+                                                       f"{max(SERVE_CLIENTS)}"))
+    return rows, f
+
+
+SECTIONS = {"model": bench_model, "quant": bench_quant, "serve": bench_serve}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 import trainer
 from model import check_sampling
+from tokenizer import StreamDecoder
 
 # -----------------------------------------------------------------------------
 ckpt = 'checkpoints/sft/ckpt.pt'
@@ -30,38 +31,6 @@ device = 'auto'            # auto = cuda, then mps, then cpu
 # -----------------------------------------------------------------------------
 
 COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply"
-
-
-class StreamDecoder:
-    """Turns token ids into printable text as they arrive, so that the printed pieces, joined, are always exactly
-    tokenizer.decode(all ids). A byte-level token can hold part of a UTF-8 character (a Chinese character is 3
-    bytes, an emoji 4, and BPE may split them), and decoding such a prefix gives U+FFFD in its place. Decoding
-    the ids one by one or in separate groups would print that U+FFFD, or split a stray byte and the character
-    after it differently from decode; so each push decodes all the ids so far and prints what is new, except a
-    trailing U+FFFD: it may be a character whose last bytes are still to come (a decoder replaces an incomplete
-    sequence at the end by one U+FFFD; everything before it is final). flush() prints that rest. The cost is one
-    decode of the reply so far per token, like the attention over the whole context that made the token."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
-        self.printed = ""
-
-    def push(self, token_id) -> str:
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        stable = text[:-1] if text.endswith("\ufffd") else text
-        if len(stable) <= len(self.printed) or not stable.startswith(self.printed):
-            return ""
-        new, self.printed = stable[len(self.printed):], stable
-        return new
-
-    def flush(self) -> str:
-        """The text not printed yet; the decoder then starts a new reply."""
-        text = self.tokenizer.decode(self.ids)
-        new = text[len(self.printed):] if text.startswith(self.printed) else ""
-        self.ids, self.printed = [], ""
-        return new
 
 
 def fit_chat(tokenizer, messages, block_size, max_new_tokens):
@@ -99,11 +68,10 @@ def fit_chat(tokenizer, messages, block_size, max_new_tokens):
 
 
 def fit_text(tokenizer, text, block_size, max_new_tokens):
-    """Plain-text prompt for a pretraining checkpoint: documents were encode(text) + [eot], concatenated, so a
-    leading eot says "a new document starts here". Long text keeps its end."""
+    """Plain-text prompt for a pretraining checkpoint (Tokenizer.render_text) that leaves room for the reply.
+    Long text keeps its end."""
     budget = block_size - min(max_new_tokens, block_size // 2)
-    ids = [tokenizer.eot_id] + tokenizer.encode(text)
-    return ids[-budget:]
+    return tokenizer.render_text(text)[-budget:]
 
 
 def stream_reply(model, tokenizer, ids, gen, out):

@@ -125,6 +125,11 @@ class KVCache:
     def reset(self):
         self.pos = 0
 
+    def keep_rows(self, keep):
+        """Keep only the batch rows where `keep` ((B,) bool) is True: finished sequences stop costing attention."""
+        self.k = [k[keep] for k in self.k]
+        self.v = [v[keep] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -354,9 +359,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                        stop_tokens=(), attention_mask=None, pad_id=0, generator=None):
+                        stop_tokens=(), attention_mask=None, pad_id=0, generator=None, finished=None):
         """Yields a (B,) LongTensor of new tokens per step. Prompts of different lengths: left-pad them (left_pad)
-        and pass attention_mask. temperature 0 = greedy."""
+        and pass attention_mask. temperature 0 = greedy.
+
+        Independent rows (a server's requests): `generator` a list of B generators, and temperature, top_k and
+        top_p each a scalar or a list of B; each row then samples with its own settings and generator, so a row
+        draws the same tokens whichever rows share its batch. `finished` (optional, (B,) bool on idx's device) is
+        shared with the caller: a row set True between steps (a client gone, its own length limit) stops, like a
+        row that sampled a stop token, and yields pad_id from then on; generation ends once every row is
+        finished. With per-row generators finished rows also leave the batch (KV cache included), so the rows
+        still running no longer pay for them; with one shared generator the batch keeps its shape, because the
+        draws of every row depend on it and a seed must keep giving the same samples."""
         B, T = idx.shape
         if T == 0:
             raise _user_error("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
@@ -366,6 +380,11 @@ class GPT(nn.Module):
         if max_new_tokens <= 0:
             return
         device = idx.device
+        per_row = isinstance(generator, (list, tuple))
+        if per_row:  # each computed row's own (temperature, top_k, top_p, generator), indexed by batch row
+            def at(v, i):
+                return v[i] if isinstance(v, (list, tuple)) else v
+            settings = [(at(temperature, i), at(top_k, i), at(top_p, i), generator[i]) for i in range(B)]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the mask-free fast path
         if attention_mask is not None:
@@ -379,7 +398,9 @@ class GPT(nn.Module):
             real = attention_mask.long() if attention_mask is not None else torch.ones_like(idx)
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.long, device=device).scatter_add_(1, idx, real) > 0
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        if finished is None:
+            finished = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # the batch row each computed row stands for
 
         was_training = self.training
         self.eval()  # no dropout while sampling, even if the caller is mid-training (PPO rollouts)
@@ -389,21 +410,33 @@ class GPT(nn.Module):
             for step in range(max_new_tokens):
                 x = self.hidden_states(tok, attention_mask=None if mask is None else mask[:, :cache.pos + tok.shape[1]],
                                        positions=positions, cache=cache)
-                logits = self.lm_head(x[:, -1]).float()                                     # (B, V)
+                logits = self.lm_head(x[:, -1]).float()                                     # (B', V)
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-                sampled = sample(logits, temperature, top_k, top_p, generator)
-                next_tok = torch.where(finished, torch.full_like(sampled, pad_id), sampled)
+                if per_row:
+                    sampled = sample(logits, *map(list, zip(*[settings[r] for r in rows.tolist()])))
+                else:
+                    sampled = sample(logits, temperature, top_k, top_p, generator)
+                next_tok = torch.full((B,), pad_id, dtype=torch.long, device=device)
+                next_tok[rows] = sampled
+                next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
                 yield next_tok
                 if len(stop):
                     finished |= torch.isin(next_tok, stop)
-                    if bool(finished.all()):
-                        return
+                if bool(finished.all()):
+                    return
                 if seen is not None:
-                    seen[torch.arange(B, device=device), sampled] = True
+                    seen[torch.arange(len(rows), device=device), sampled] = True
                 tok = sampled[:, None]  # finished rows are fed a valid id (pad_id may be any value); unused
                 if positions is not None:
                     positions = positions[:, -1:] + 1
+                if per_row and bool(finished[rows].any()):  # drop the finished rows from the computation
+                    keep = ~finished[rows]
+                    rows, tok = rows[keep], tok[keep]
+                    cache.keep_rows(keep)
+                    mask = None if mask is None else mask[keep]
+                    positions = None if positions is None else positions[keep]
+                    seen = None if seen is None else seen[keep]
         finally:
             self.train(was_training)
 
@@ -471,7 +504,10 @@ def apply_repetition_penalty(logits, seen, penalty):
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, V) float logits -> (B,) token ids. temperature 0 (or below 1e-5) = greedy (argmax); top_k None or 0 and
     top_p None or 1.0 = no cut. Nucleus sampling: Holtzman et al. 2019. Any setting that check_sampling accepts
-    gives finite probabilities; the others raise its error."""
+    gives finite probabilities; the others raise its error. Independent rows: temperature, top_k and top_p may
+    each be a list of B values and generator a list of B generators (sample_rows)."""
+    if any(isinstance(v, (list, tuple)) for v in (temperature, top_k, top_p, generator)):
+        return sample_rows(logits, temperature, top_k, top_p, generator)
     check_sampling(temperature, top_k, top_p)
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
@@ -491,6 +527,41 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_rows(logits, temperature, top_k, top_p, generator):
+    """sample() with one setting per row: the same steps batched; only the draws are made row by row."""
+    B, V = logits.shape
+
+    def per_row(v):
+        return list(v) if isinstance(v, (list, tuple)) else [v] * B
+    temps, gens = per_row(temperature), per_row(generator)
+    for t, k, p in zip(temps, per_row(top_k), per_row(top_p)):
+        check_sampling(t, k, p)
+    temps = [0.0 if t < GREEDY_BELOW else t for t in temps]
+    ks = [k if k and k < V else V for k in per_row(top_k)]
+    ps = [p if p is not None and p < 1.0 else 1.0 for p in per_row(top_p)]
+    greedy = logits.argmax(dim=-1)
+    # as in sample(): shifted so the largest logit is 0 before dividing, so that exp() cannot overflow
+    logits = logits.float().clamp(max=torch.finfo(torch.float32).max)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = logits / torch.tensor([t or 1.0 for t in temps], dtype=logits.dtype, device=logits.device)[:, None]
+    if min(ks) < V:
+        cut = [k for k in ks if k < V]
+        top = logits.topk(max(cut), dim=-1).values                                  # (B, largest k)
+        kth = top.gather(1, torch.tensor([min(k, max(cut)) - 1 for k in ks], device=logits.device)[:, None])
+        off = torch.tensor([k == V for k in ks], device=logits.device)[:, None]   # rows without a top-k cut
+        logits = logits.masked_fill((logits < kth) & ~off, float("-inf"))
+    if min(ps) < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        top_p_ = torch.tensor(ps, dtype=probs.dtype, device=logits.device)[:, None]
+        drop = (probs.cumsum(dim=-1) - probs > top_p_) & (top_p_ < 1.0)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.stack([greedy[i] if temps[i] == 0 else torch.multinomial(probs[i], 1, generator=gens[i])[0]
+                        for i in range(B)])
 
 
 def left_pad(seqs, pad_id):

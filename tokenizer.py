@@ -103,7 +103,7 @@ class Tokenizer:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         # ids outside the vocabulary (a model whose embedding is padded past vocab_size) are dropped by the
-        # library; an incomplete UTF-8 sequence at the end decodes to U+FFFD (see generate.py's streaming)
+        # library; an incomplete UTF-8 sequence at the end decodes to U+FFFD (see StreamDecoder)
         return self.tk.decode(ids, skip_special_tokens=False)
 
     # ---------------------------------------------------------------- chat template
@@ -126,6 +126,11 @@ class Tokenizer:
         ids, _ = self.render_chat(messages)
         return ids + [self.assistant_id]
 
+    def render_text(self, text: str) -> list[int]:
+        """Plain-text prompt for a pretraining checkpoint: documents were encode(text) + [eot], concatenated, so a
+        leading eot says "a new document starts here"."""
+        return [self.eot_id] + self.encode(text)
+
 
 def check_messages(messages):
     """ValueError naming the message index and field, so a bad line in a data file is easy to find."""
@@ -142,6 +147,38 @@ def check_messages(messages):
             raise ValueError(f"messages[{i}]: missing field 'content'")
         if not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}]: field 'content' must be a string, got {type(m['content']).__name__}")
+
+
+class StreamDecoder:
+    """Turns token ids into printable text as they arrive, so that the printed pieces, joined, are always exactly
+    tokenizer.decode(all ids). A byte-level token can hold part of a UTF-8 character (a Chinese character is 3
+    bytes, an emoji 4, and BPE may split them), and decoding such a prefix gives U+FFFD in its place. Decoding
+    the ids one by one or in separate groups would print that U+FFFD, or split a stray byte and the character
+    after it differently from decode; so each push decodes all the ids so far and prints what is new, except a
+    trailing U+FFFD: it may be a character whose last bytes are still to come (a decoder replaces an incomplete
+    sequence at the end by one U+FFFD; everything before it is final). flush() prints that rest. The cost is one
+    decode of the reply so far per token, like the attention over the whole context that made the token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.printed = ""
+
+    def push(self, token_id) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        stable = text[:-1] if text.endswith("\ufffd") else text
+        if len(stable) <= len(self.printed) or not stable.startswith(self.printed):
+            return ""
+        new, self.printed = stable[len(self.printed):], stable
+        return new
+
+    def flush(self) -> str:
+        """The text not printed yet; the decoder then starts a new reply."""
+        text = self.tokenizer.decode(self.ids)
+        new = text[len(self.printed):] if text.startswith(self.printed) else ""
+        self.ids, self.printed = [], ""
+        return new
 
 
 if __name__ == "__main__":

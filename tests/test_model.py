@@ -297,6 +297,66 @@ def test_generate_stream_yields_the_same_tokens_as_generate():
     assert torch.equal(torch.stack(steps, dim=1), out[:, idx.shape[1]:])
 
 
+def test_sample_with_per_row_settings_equals_each_row_sampled_alone():
+    # guards against the batched per-row filtering (top-k by sort, top-p per row) drifting from sample()'s own
+    logits = torch.randn(6, 97, generator=torch.Generator().manual_seed(0)) * 3
+    settings = [(0.0, None, None), (1.0, 5, None), (0.7, None, 0.5), (1.3, 20, 0.9), (1.0, 0, 1.0), (0.5, 96, 0.99)]
+    for draw in range(5):
+        seeds = [10 * draw + i for i in range(6)]
+        rows = model.sample(logits, [s[0] for s in settings], [s[1] for s in settings], [s[2] for s in settings],
+                            [torch.Generator().manual_seed(s) for s in seeds])
+        for i, (t, k, p) in enumerate(settings):
+            alone = model.sample(logits[i:i + 1], t, k, p, torch.Generator().manual_seed(seeds[i]))
+            assert rows[i].item() == alone.item(), (draw, i)
+
+
+def test_per_row_generators_make_each_row_sample_as_if_alone():
+    # guards against a server request's reply depending on which other requests share its batch: with one shared
+    # generator a row's draws depend on every row before it; with its own generator, settings and seed, never
+    m = make(CONFIGS["gqa"])
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+    settings = [(0.0, None, None, 11), (1.0, 20, 0.9, 12), (0.8, None, 0.95, 13)]
+    idx, mask = left_pad(prompts, pad_id=0)
+    gens = [torch.Generator().manual_seed(s) for *_, s in settings]
+    steps = list(m.generate_stream(idx, 8, temperature=[t for t, *_ in settings], top_k=[k for _, k, *_ in settings],
+                                   top_p=[p for _, _, p, _ in settings], attention_mask=mask, generator=gens))
+    batched = torch.stack(steps, dim=1)
+    for i, (p, (t, k, tp, seed)) in enumerate(zip(prompts, settings)):
+        alone = m.generate(torch.tensor([p]), 8, temperature=t, top_k=k, top_p=tp,
+                           generator=torch.Generator().manual_seed(seed))
+        assert batched[i].tolist() == alone[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_row_finished_by_the_caller_stops_and_the_others_go_on(per_row):
+    # guards against a dropped row (a client gone) corrupting the rows still running when it leaves the batch
+    m = make(CONFIGS["moe"])
+    idx, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]], pad_id=0)
+    gen = [torch.Generator().manual_seed(0) for _ in range(3)] if per_row else None
+    free = m.generate(idx, 9, temperature=0, attention_mask=mask, generator=gen)[:, idx.shape[1]:]
+    finished = torch.zeros(3, dtype=torch.bool)
+    steps = []
+    for step, tok in enumerate(m.generate_stream(idx, 9, temperature=0, attention_mask=mask, pad_id=-1,
+                                                 generator=gen, finished=finished)):
+        steps.append(tok)
+        if step == 2:
+            finished[1] = True
+        if step == 5:
+            finished[0] = True
+    out = torch.stack(steps, dim=1)
+    assert out.shape == (3, 9)
+    assert out[1, :3].tolist() == free[1, :3].tolist() and (out[1, 3:] == -1).all()
+    assert out[0, :6].tolist() == free[0, :6].tolist() and (out[0, 6:] == -1).all()
+    assert out[2].tolist() == free[2].tolist()
+    # every row finished by the caller: generation ends at once
+    finished = torch.zeros(3, dtype=torch.bool)
+    n = 0
+    for _ in m.generate_stream(idx, 9, temperature=0, attention_mask=mask, generator=gen, finished=finished):
+        n += 1
+        finished[:] = True
+    assert n == 1
+
+
 def test_repetition_penalty_follows_ctrl_rule():
     logits = torch.tensor([[2.0, -2.0, 1.0, 3.0]])
     seen = torch.tensor([[True, True, False, False]])

@@ -16,14 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _user_error(msg):
-    # bad configs are user input: the plumbing module turns its UserError into a one-line "error: ..."
-    try:
-        from trainer import UserError
-    except ImportError:  # model.py used on its own, without the rest of the project
-        return ValueError(msg)
-    return UserError(msg)
+try:  # bad configs are user input, which the project prints as one line "error: ..."
+    from common import UserError
+except ImportError:  # model.py copied out on its own
+    UserError = ValueError
 
 
 @dataclass
@@ -48,7 +44,7 @@ class ModelConfig:
     def __post_init__(self):
         def check(ok, msg):
             if not ok:
-                raise _user_error(f"ModelConfig: {msg}")
+                raise UserError(f"ModelConfig: {msg}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
@@ -78,7 +74,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise _user_error(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+            raise UserError(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
 
@@ -246,6 +242,16 @@ class GPT(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """A GPT on the CPU from a checkpoint dict's `model_config` (a plain dict) and `model` (its state dict)."""
+        model = cls(ModelConfig.from_dict(ckpt["model_config"]))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint: the weights do not fit its model_config: {str(e).splitlines()[0]}") from None
+        return model
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -273,7 +279,7 @@ class GPT(nn.Module):
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
         cfg = self.config
         if max_len > cfg.block_size:
-            raise _user_error(f"cache length {max_len} exceeds block_size={cfg.block_size}")
+            raise UserError(f"cache length {max_len} exceeds block_size={cfg.block_size}")
         p = self.embed_tokens.weight
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
@@ -285,7 +291,7 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         total = start + T
         if total > self.config.block_size:
-            raise _user_error(f"sequence length {total} exceeds block_size={self.config.block_size}")
+            raise UserError(f"sequence length {total} exceeds block_size={self.config.block_size}")
         if attention_mask is not None and attention_mask.shape != (B, total):
             raise ValueError(f"attention_mask must be (B, {total}), got {tuple(attention_mask.shape)}")
 
@@ -358,9 +364,9 @@ class GPT(nn.Module):
         and pass attention_mask. temperature 0 = greedy."""
         B, T = idx.shape
         if T == 0:
-            raise _user_error("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
+            raise UserError("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
         if T + max_new_tokens > self.config.block_size:
-            raise _user_error(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+            raise UserError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                               f"block_size={self.config.block_size}")
         if max_new_tokens <= 0:
             return
@@ -480,7 +486,7 @@ def from_hf_llama_state_dict(sd):
     omit lm_head.weight)."""
     def get(name):
         if name not in sd:
-            raise _user_error(f"not a Llama state dict: missing {name!r}")
+            raise UserError(f"not a Llama state dict: missing {name!r}")
         return sd[name]
     n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     out = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight"),
@@ -500,7 +506,7 @@ def from_hf_llama_state_dict(sd):
 def to_hf_llama_state_dict(sd, config):
     """Our state dict -> transformers LlamaForCausalLM's (dense models only: Llama has no MoE)."""
     if config.n_experts:
-        raise _user_error("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
+        raise UserError("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
     qkv_sizes = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
     out = {"model.embed_tokens.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
@@ -521,7 +527,7 @@ def to_hf_llama_state_dict(sd, config):
 def to_hf_llama_config(cfg):
     """Keyword arguments for transformers.LlamaConfig describing the same architecture."""
     if cfg.n_experts:
-        raise _user_error("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
+        raise UserError("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
                 num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                 head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
@@ -534,12 +540,12 @@ def from_hf_llama_config(hf):
     d = hf if isinstance(hf, dict) else hf.to_dict()
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
-        raise _user_error(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        raise UserError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
     if d.get("attention_bias") or d.get("mlp_bias"):
-        raise _user_error("Llama models with attention or MLP biases are not supported")
+        raise UserError("Llama models with attention or MLP biases are not supported")
     n_head = d["num_attention_heads"]
     if d.get("head_dim") not in (None, d["hidden_size"] // n_head):
-        raise _user_error("head_dim != hidden_size // num_attention_heads is not supported")
+        raise UserError("head_dim != hidden_size // num_attention_heads is not supported")
     return ModelConfig(vocab_size=d["vocab_size"], block_size=d["max_position_embeddings"],
                        n_layer=d["num_hidden_layers"], n_head=n_head,
                        n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=d["hidden_size"],

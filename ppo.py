@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 import lora
 import prepare
-import reward_model
 import trainer
 import world
 from model import ScoreModel, left_pad
@@ -238,7 +237,7 @@ def main():
 
     rm = None
     if rm_weight:
-        rm, rm_tok = reward_model.load(reward_from, dev)
+        rm, rm_tok = trainer.load_reward_model(reward_from, dev)
         if rm_tok.to_json() != tokenizer.to_json():
             raise trainer.UserError(f"{reward_from}: its tokenizer differs from {init_from}'s")
         rm.requires_grad_(False)
@@ -317,7 +316,7 @@ def main():
                                 if row.get("answer") is not None else 0.0 for t, row in zip(text, rows)], device=dev)
         rm_scores = torch.zeros(len(rows), device=dev)
         if rm is not None:
-            rm_scores = reward_model.score(rm, prompt_ids, responses, tokenizer.pad_id, dev, rt.autocast)
+            rm_scores = trainer.reward_scores(rm, prompt_ids, responses, tokenizer.pad_id, dev, rt.autocast)
         ended_t = torch.tensor(ended, device=dev, dtype=torch.float32)
         scores = rm_weight * rm_scores + checker_weight * checker + unfinished_penalty * (1 - ended_t)
         with rt.autocast:

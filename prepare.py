@@ -43,7 +43,7 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
-import trainer
+import common
 import world
 from tokenizer import Tokenizer, check_messages
 
@@ -80,11 +80,11 @@ def save_npz(path, **arrays):
                 np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 z.writestr(info, buf.getvalue())
-    trainer.write_atomic(path, write)
+    common.write_atomic(path, write)
 
 
 def write_text(path, text):
-    trainer.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    common.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def token_dtype(vocab_size):
@@ -107,45 +107,97 @@ def load_ragged(npz_path, key):
     (pref_*.npz; offsets in 'prompt_offsets' ...)."""
     offsets_key = key[: -len("ids")] + "offsets" if key.endswith("_ids") else "offsets"
     if not os.path.exists(npz_path):
-        raise trainer.UserError(f"{npz_path} not found: prepare the data first (python prepare.py ...)")
+        raise common.UserError(f"{npz_path} not found: prepare the data first (python prepare.py ...)")
     with np.load(npz_path, allow_pickle=False) as z:
         if key not in z.files or offsets_key not in z.files:
-            raise trainer.UserError(f"{npz_path}: no arrays {key!r}/{offsets_key!r} (it has {', '.join(z.files)})")
+            raise common.UserError(f"{npz_path}: no arrays {key!r}/{offsets_key!r} (it has {', '.join(z.files)})")
         flat, offsets = z[key], z[offsets_key]
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(flat) \
             or np.any(np.diff(offsets) < 0):
-        raise trainer.UserError(f"{npz_path}: {offsets_key!r} does not index {key!r}; prepare the data again")
+        raise common.UserError(f"{npz_path}: {offsets_key!r} does not index {key!r}; prepare the data again")
     return [flat[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
 def load_pairs(dataset_dir, split="train"):
     """pref_<split>.npz as a list of (prompt ids, chosen ids, rejected ids, margin): the prompt rendered up to the
     assistant header, each reply encoded with its end-of-turn token, margin 0.0 unless the data set gave one."""
-    folder = dataset_dir if os.path.isdir(dataset_dir) else trainer.dataset_dir(dataset_dir)
+    folder = dataset_dir if os.path.isdir(dataset_dir) else common.dataset_dir(dataset_dir)
     path = os.path.join(folder, f"pref_{split}.npz")
     parts = [load_ragged(path, f"{part}_ids") for part in ("prompt", "chosen", "rejected")]
     if not len(parts[0]) == len(parts[1]) == len(parts[2]):
-        raise trainer.UserError(f"{path}: prompt, chosen and rejected counts differ; prepare the data again")
+        raise common.UserError(f"{path}: prompt, chosen and rejected counts differ; prepare the data again")
     with np.load(path, allow_pickle=False) as z:
         margins = z["margin"] if "margin" in z.files else np.zeros(len(parts[0]), dtype=np.float32)
     if len(margins) != len(parts[0]):
-        raise trainer.UserError(f"{path}: {len(margins)} margins for {len(parts[0])} pairs; prepare the data again")
+        raise common.UserError(f"{path}: {len(margins)} margins for {len(parts[0])} pairs; prepare the data again")
     return [(p, c, r, float(m)) for p, c, r, m in zip(*parts, margins)]
 
 
 def load_prompts(dataset_dir, split="val"):
     """prompts_<split>.jsonl with the rendered prompt of each: a list of {"messages", "answer", "task", "lang",
     "ids" (list[int], render_prompt(messages))}. dataset_dir is a folder (or a --dataset name)."""
-    folder = dataset_dir if os.path.isdir(dataset_dir) else trainer.dataset_dir(dataset_dir)
+    folder = dataset_dir if os.path.isdir(dataset_dir) else common.dataset_dir(dataset_dir)
     path = os.path.join(folder, f"prompts_{split}.jsonl")
     if not os.path.exists(path):
-        raise trainer.UserError(f"{path} not found: prepare prompts first (python prepare.py, or --kind=prompts)")
+        raise common.UserError(f"{path} not found: prepare prompts first (python prepare.py, or --kind=prompts)")
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     ids = load_ragged(os.path.join(folder, f"prompts_{split}.npz"), "ids")
     if len(ids) != len(rows):
-        raise trainer.UserError(f"{path}: {len(rows)} prompts but {len(ids)} in the .npz; prepare the data again")
+        raise common.UserError(f"{path}: {len(rows)} prompts but {len(ids)} in the .npz; prepare the data again")
     return [{**row, "ids": seq.tolist()} for row, seq in zip(rows, ids)]
+
+
+def load_tokenizer(dataset):
+    """The Tokenizer that prepare.py saved for a data set."""
+    path = common.data_file(dataset, "tokenizer.json")
+    try:
+        return Tokenizer.load(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise common.UserError(f"{path}: cannot load the tokenizer: {e}") from None
+
+
+def check_tokenizer_matches(ckpt, dataset):
+    """UserError unless the checkpoint was trained with the data set's tokenizer: the same ids must mean the
+    same text, or every later stage trains on garbage."""
+    path = common.data_file(dataset, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        theirs = f.read()
+    try:
+        same = json.loads(theirs) == json.loads(ckpt["tokenizer"])
+    except ValueError:
+        same = False
+    if not same:
+        try:
+            ours_n, theirs_n = Tokenizer.from_json(ckpt["tokenizer"]).vocab_size, Tokenizer.from_json(theirs).vocab_size
+            sizes = f" (vocab {ours_n} vs {theirs_n})"
+        except ValueError:
+            sizes = ""
+        raise common.UserError(f"the checkpoint's tokenizer differs from {path}{sizes}: it was trained on other data; "
+                        f"use the data set it was trained on, or prepare this one with its tokenizer")
+
+
+def token_file(dataset, split, vocab_size=None):
+    """(path, numpy dtype) of a pretraining split, <split>.bin: flat token ids of the dtype meta.json names (a data set
+    prepared before meta.json had it: token_dtype(vocab_size)). UserError naming the file when it is missing."""
+    path = common.data_file(dataset, f"{split}.bin")
+    meta = os.path.join(common.dataset_dir(dataset), "meta.json")
+    dtype = None
+    if os.path.exists(meta):
+        with open(meta, encoding="utf-8") as f:
+            dtype = json.load(f).get("dtype")
+    if dtype is None:
+        if vocab_size is None:
+            raise common.UserError(f"{meta}: no token dtype; prepare the data again")
+        dtype = token_dtype(vocab_size)
+    return path, np.dtype(dtype)
+
+
+def load_sft(dataset, split):
+    """sft_<split>.npz -> (path, [ids], [loss_mask]): each conversation rendered with the chat template, loss_mask 1
+    on the assistant's tokens (with the end of turn that closes each assistant turn)."""
+    path = common.data_file(dataset, f"sft_{split}.npz")
+    return path, load_ragged(path, "ids"), load_ragged(path, "loss_mask")
 
 
 # ---------------------------------------------------------------------------------------------- tokenized outputs
@@ -172,7 +224,7 @@ def write_pretrain(out, tok, train_docs, val_docs):
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                     n_tokens += len(ids)
                     bar.update(len(chunk))
-        trainer.write_atomic(os.path.join(out, f"{name}.bin"), write)
+        common.write_atomic(os.path.join(out, f"{name}.bin"), write)
         counts[f"{name}_tokens"] = n_tokens
     return counts
 
@@ -239,16 +291,16 @@ def get_tokenizer(cfg, texts):
         path = cfg["tokenizer"]
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(path):
-            raise trainer.UserError(f"--tokenizer={cfg['tokenizer']}: no such file")
+            raise common.UserError(f"--tokenizer={cfg['tokenizer']}: no such file")
         try:
             return Tokenizer.load(path)
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise trainer.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load it: {e}") from None
+            raise common.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load it: {e}") from None
     print(f"training a {cfg['vocab_size']}-token BPE tokenizer on up to {cfg['tokenizer_sample_mb']:g} MB of text")
     try:
         return Tokenizer.train(sample_texts(texts, cfg["tokenizer_sample_mb"]), vocab_size=cfg["vocab_size"])
     except ValueError as e:
-        raise trainer.UserError(f"--vocab_size={cfg['vocab_size']}: {e}") from None
+        raise common.UserError(f"--vocab_size={cfg['vocab_size']}: {e}") from None
 
 
 def check_output_dir(out, tok, kinds):
@@ -264,7 +316,7 @@ def check_output_dir(out, tok, kinds):
     others = [name for k in KINDS if k not in kinds for name in KIND_FILES[k]
               if os.path.exists(os.path.join(out, name))]
     if not same and others:
-        raise trainer.UserError(f"{out} already holds {', '.join(others)} made with another tokenizer: pass "
+        raise common.UserError(f"{out} already holds {', '.join(others)} made with another tokenizer: pass "
                                 f"--tokenizer={old_path} to add to it, or choose another --dataset")
     meta_path = os.path.join(out, "meta.json")
     if same and os.path.exists(meta_path):
@@ -313,7 +365,7 @@ def _lines(path, limit=0):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise trainer.UserError(f"{path}, line {no}: not UTF-8 text (byte {raw[e.start]:#04x}); expected "
+                raise common.UserError(f"{path}, line {no}: not UTF-8 text (byte {raw[e.start]:#04x}); expected "
                                         f"UTF-8") from None
             seen += bool(line.strip())
             yield no, line
@@ -328,10 +380,10 @@ def _check_json_lines(path, limit):
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            raise trainer.UserError(f"{path}, line {no}: malformed JSON ({e.msg}, column {e.colno}); expected "
+            raise common.UserError(f"{path}, line {no}: malformed JSON ({e.msg}, column {e.colno}); expected "
                                     f"one JSON object per line") from None
         if not isinstance(row, dict):
-            raise trainer.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
+            raise common.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
         lines.append(no)
     return lines
 
@@ -344,25 +396,25 @@ def check_local_file(path, suffix, limit, kind_arg):
         try:
             n = pq.ParquetFile(path).metadata.num_rows
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
-            raise trainer.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+            raise common.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
         if n == 0:
-            raise trainer.UserError(f"{path}: empty file: expected rows")
+            raise common.UserError(f"{path}: empty file: expected rows")
         return {}, lambda i: f"{path}, row {i + 1}"
     if suffix == ".txt":
         if sum(bool(line.strip()) for _, line in _lines(path)) == 0:  # reads every line: checks the UTF-8 too
-            raise trainer.UserError(f"{path}: empty file: expected text")
+            raise common.UserError(f"{path}: empty file: expected text")
         if kind_arg == "prompts":  # one prompt a line (the library yields blank lines too, as empty rows)
             return {}, lambda i: f"{path}, line {i + 1}"
         return {"sample_by": "paragraph"}, lambda i: f"{path}, paragraph {i + 1}"
     if suffix == ".jsonl":
         lines = _check_json_lines(path, limit)
         if not lines:
-            raise trainer.UserError(f"{path}: empty file: expected one JSON object per line")
+            raise common.UserError(f"{path}: empty file: expected one JSON object per line")
         return {}, lambda i: f"{path}, line {lines[i] if i < len(lines) else '?'}"
     # .json: a list of objects, an object holding one such list, or JSON Lines under a .json name
     text = "".join(line for _, line in _lines(path))
     if not text.strip():
-        raise trainer.UserError(f"{path}: empty file: expected a JSON list of objects")
+        raise common.UserError(f"{path}: empty file: expected a JSON list of objects")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -374,21 +426,21 @@ def check_local_file(path, suffix, limit, kind_arg):
         if is_lines:
             lines = _check_json_lines(path, limit)
             return {}, lambda i: f"{path}, line {lines[i] if i < len(lines) else '?'}"
-        raise trainer.UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno}); expected "
+        raise common.UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno}); expected "
                                 f"a JSON list of objects") from None
     kwargs = {}
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
         if len(lists) != 1:
-            raise trainer.UserError(f"{path}: expected a JSON list of objects (or an object holding exactly one "
+            raise common.UserError(f"{path}: expected a JSON list of objects (or an object holding exactly one "
                                     f"such list), got an object with keys {sorted(doc)[:8]}")
         kwargs["field"] = lists[0]
         doc = doc[lists[0]]
     if not isinstance(doc, list) or not doc:
-        raise trainer.UserError(f"{path}: expected a non-empty JSON list of objects")
+        raise common.UserError(f"{path}: expected a non-empty JSON list of objects")
     for i, row in enumerate(doc):
         if not isinstance(row, dict):
-            raise trainer.UserError(f"{path}, item {i + 1}: expected a JSON object {{...}}, got {type(row).__name__}")
+            raise common.UserError(f"{path}, item {i + 1}: expected a JSON object {{...}}, got {type(row).__name__}")
     return kwargs, lambda i: f"{path}, item {i + 1}"
 
 
@@ -398,24 +450,24 @@ def open_rows(source, split, subset, limit, kind_arg=""):
     import datasets  # slow to import; only real data needs it
     if os.path.exists(source):
         if os.path.isdir(source):
-            raise trainer.UserError(f"--source={source} is a folder: pass one .txt, .jsonl, .json or .parquet file")
+            raise common.UserError(f"--source={source} is a folder: pass one .txt, .jsonl, .json or .parquet file")
         suffix = os.path.splitext(source)[1].lower()
         if suffix not in SUFFIX_BUILDER:
-            raise trainer.UserError(f"--source={source}: unsupported file type {suffix or '(none)'}; expected "
+            raise common.UserError(f"--source={source}: unsupported file type {suffix or '(none)'}; expected "
                                     f".txt, .jsonl, .json or .parquet")
         kwargs, where = check_local_file(source, suffix, limit, kind_arg)
         if suffix == ".txt" and kind_arg not in ("", "pretrain", "prompts"):
-            raise trainer.UserError(f"--source={source}: a .txt file is pretraining text or prompts, not {kind_arg}")
+            raise common.UserError(f"--source={source}: a .txt file is pretraining text or prompts, not {kind_arg}")
         try:
             rows = datasets.load_dataset(SUFFIX_BUILDER[suffix], data_files=source, split="train", streaming=True,
                                          **kwargs)
         except Exception as e:
-            raise trainer.UserError(f"{source}: cannot read it ({_first_line(e)})") from None
+            raise common.UserError(f"{source}: cannot read it ({_first_line(e)})") from None
         return rows, where
     looks_local = (source.startswith((".", "/", "~")) or source.count("/") > 1
                    or os.path.splitext(source)[1].lower() in (*SUFFIX_BUILDER, ".csv", ".tsv", ".gz", ".zst", ".arrow"))
     if looks_local:  # a hub name is NAME or OWNER/NAME
-        raise trainer.UserError(f"--source={source}: no such file")
+        raise common.UserError(f"--source={source}: no such file")
     # the hub client logs each retry as a warning; the one error line below says what finally went wrong
     import huggingface_hub
     huggingface_hub.utils.logging.set_verbosity_error()
@@ -423,7 +475,7 @@ def open_rows(source, split, subset, limit, kind_arg=""):
     try:
         rows = datasets.load_dataset(source, subset or None, split=split, streaming=True)
     except Exception as e:  # not found, no network, a wrong split or config: the library's message says which
-        raise trainer.UserError(f"--source={source}: cannot load it from the Hugging Face hub ({_first_line(e)})") \
+        raise common.UserError(f"--source={source}: cannot load it from the Hugging Face hub ({_first_line(e)})") \
             from None
     return rows, lambda i: f"{source} ({split}), row {i + 1}"
 
@@ -466,14 +518,14 @@ def guess_kind(row, where):
         return "pretrain"
     if _has(row, "prompt") or _has(row, "question"):
         return "prompts"
-    raise trainer.UserError(f"{where}: cannot tell the kind of data from the fields {_fields(row)}; expected one "
+    raise common.UserError(f"{where}: cannot tell the kind of data from the fields {_fields(row)}; expected one "
                             "of: " + "; ".join(f"{k}: {v}" for k, v in SCHEMAS.items()) + " (or pass --kind=)")
 
 
 def _str_field(row, field, where):
     v = row[field]
     if not isinstance(v, str):
-        raise trainer.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+        raise common.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
     return v
 
 
@@ -481,7 +533,7 @@ def parse_dialogue(text, where):
     """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> messages (Anthropic hh-rlhf form)."""
     parts = DIALOGUE_TURN.split("\n\n" + text.lstrip("\n"))
     if len(parts) < 3 or parts[0].strip():
-        raise trainer.UserError(f"{where}: expected a dialogue of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns")
+        raise common.UserError(f"{where}: expected a dialogue of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns")
     messages = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
                 for role, content in zip(parts[1::2], parts[2::2])]
     if len(messages) > 1 and messages[-1] == {"role": "assistant", "content": ""}:
@@ -493,7 +545,7 @@ def _checked(messages, where):
     try:
         check_messages(messages)
     except ValueError as e:
-        raise trainer.UserError(f"{where}: {e}") from None
+        raise common.UserError(f"{where}: {e}") from None
     return messages
 
 
@@ -505,15 +557,15 @@ def to_messages(row, where):
         field = "messages" if _has(row, "messages") else "conversations"
         turns = row[field]
         if not isinstance(turns, list) or not turns:
-            raise trainer.UserError(f"{where}: field '{field}' must be a non-empty list of turns")
+            raise common.UserError(f"{where}: field '{field}' must be a non-empty list of turns")
         role_key, text_key = ("role", "content") if field == "messages" else ("from", "value")
         messages = []
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or t.get(role_key) is None or t.get(text_key) is None:
-                raise trainer.UserError(f"{where}: {field}[{i}] must have '{role_key}' and '{text_key}'")
+                raise common.UserError(f"{where}: {field}[{i}] must have '{role_key}' and '{text_key}'")
             role = ROLE_NAMES.get(str(t[role_key]).lower())
             if role is None:
-                raise trainer.UserError(f"{where}: {field}[{i}]: unknown {role_key} {t[role_key]!r}; expected one "
+                raise common.UserError(f"{where}: {field}[{i}]: unknown {role_key} {t[role_key]!r}; expected one "
                                         f"of {', '.join(ROLE_NAMES)}")
             messages.append({"role": role, "content": t[text_key]})
         return _checked(system + messages, where)
@@ -542,7 +594,7 @@ def to_messages(row, where):
 def to_sft(row, where):
     messages = to_messages(row, where)
     if messages is None or not any(m["role"] == "assistant" for m in messages):
-        raise trainer.UserError(f"{where}: expected SFT fields {SCHEMAS['sft']} with an assistant reply; the row "
+        raise common.UserError(f"{where}: expected SFT fields {SCHEMAS['sft']} with an assistant reply; the row "
                                 f"has {_fields(row)}")
     return {"messages": messages}
 
@@ -553,13 +605,13 @@ def _reply_text(v, field, where):
         return v
     if isinstance(v, list) and v and isinstance(v[-1], dict) and isinstance(v[-1].get("content"), str):
         return v[-1]["content"]
-    raise trainer.UserError(f"{where}: field '{field}' must be a string (or a list of messages)")
+    raise common.UserError(f"{where}: field '{field}' must be a string (or a list of messages)")
 
 
 def to_pref(row, where):
     chosen_field = "chosen" if _has(row, "chosen") else "selected"
     if not _has(row, chosen_field, "rejected"):
-        raise trainer.UserError(f"{where}: expected preference fields {SCHEMAS['pref']}; the row has {_fields(row)}")
+        raise common.UserError(f"{where}: expected preference fields {SCHEMAS['pref']}; the row has {_fields(row)}")
     chosen_v, rejected_v = row[chosen_field], row["rejected"]
     if _has(row, "prompt"):
         p = row["prompt"]
@@ -575,23 +627,23 @@ def to_pref(row, where):
     else:  # hh-rlhf: two dialogues that share everything up to the last "\n\nAssistant:"
         a, b = _str_field(row, chosen_field, where), _str_field(row, "rejected", where)
         marker = "\n\nAssistant:"
-        common = len(os.path.commonprefix([a, b]))
-        cut = a[:common].rfind(marker)
+        shared = len(os.path.commonprefix([a, b]))
+        cut = a[:shared].rfind(marker)
         if cut < 0:
-            raise trainer.UserError(f"{where}: '{chosen_field}' and 'rejected' share no dialogue ending in "
+            raise common.UserError(f"{where}: '{chosen_field}' and 'rejected' share no dialogue ending in "
                                     f"'\\n\\nAssistant:'; expected hh-rlhf style dialogues or a 'prompt' field")
         messages = parse_dialogue(a[:cut], where)
         # a reply ends where the next human turn begins (when the dialogues differ before their last turn)
         chosen = a[cut + len(marker):].split("\n\nHuman:")[0].strip()
         rejected = b[cut + len(marker):].split("\n\nHuman:")[0].strip()
     if not messages or messages[-1]["role"] != "user":
-        raise trainer.UserError(f"{where}: the prompt must end with a user turn")
+        raise common.UserError(f"{where}: the prompt must end with a user turn")
     pair = {"messages": messages, "chosen": chosen, "rejected": rejected}
     if row.get("margin") is not None:
         try:
             pair["margin"] = float(row["margin"])
         except (TypeError, ValueError):
-            raise trainer.UserError(f"{where}: field 'margin' must be a number, got {row['margin']!r}") from None
+            raise common.UserError(f"{where}: field 'margin' must be a number, got {row['margin']!r}") from None
     return pair
 
 
@@ -604,11 +656,11 @@ def to_prompt(row, where):
     if messages is None and _has(row, "rejected"):  # a preference pair's prompt (hh-rlhf dialogues)
         messages = to_pref(row, where)["messages"]
     if messages is None:
-        raise trainer.UserError(f"{where}: expected prompt fields {SCHEMAS['prompts']}; the row has {_fields(row)}")
+        raise common.UserError(f"{where}: expected prompt fields {SCHEMAS['prompts']}; the row has {_fields(row)}")
     while messages and messages[-1]["role"] == "assistant":  # an SFT row: its prompt is what precedes the reply
         messages = messages[:-1]
     if not messages or messages[-1]["role"] != "user":
-        raise trainer.UserError(f"{where}: no user turn to use as a prompt")
+        raise common.UserError(f"{where}: no user turn to use as a prompt")
     answer = row.get("answer")
     return {"messages": messages, "answer": None if answer is None else str(answer),
             "task": str(row.get("task") or "open"), "lang": str(row.get("lang") or _lang(messages[-1]["content"]))}
@@ -616,7 +668,7 @@ def to_prompt(row, where):
 
 def to_pretrain(row, where):
     if not _has(row, "text"):
-        raise trainer.UserError(f"{where}: expected the pretraining field {SCHEMAS['pretrain']}; the row has "
+        raise common.UserError(f"{where}: expected the pretraining field {SCHEMAS['pretrain']}; the row has "
                                 f"{_fields(row)}")
     return _str_field(row, "text", where)
 
@@ -629,7 +681,7 @@ def read_records(cfg):
     limit = cfg["max_rows"]
     kind_ = cfg["kind"]
     if kind_ and kind_ not in KINDS:
-        raise trainer.UserError(f"--kind={kind_}: expected one of {', '.join(KINDS)}")
+        raise common.UserError(f"--kind={kind_}: expected one of {', '.join(KINDS)}")
     rows, where = open_rows(cfg["source"], cfg["split"], cfg["subset"], limit, kind_)
     is_txt = cfg["source"].lower().endswith(".txt") and os.path.isfile(cfg["source"])
     records, skipped, i = [], 0, -1
@@ -655,14 +707,14 @@ def read_records(cfg):
             else:
                 records.append(rec)
             bar.update(1)
-    except trainer.UserError:
+    except common.UserError:
         raise
     except Exception as e:  # the datasets library failing mid-stream: a network error, a bad parquet page...
-        raise trainer.UserError(f"{where(i + 1)}: cannot read it ({_first_line(e)})") from None
+        raise common.UserError(f"{where(i + 1)}: cannot read it ({_first_line(e)})") from None
     finally:
         bar.close()
     if not records:
-        raise trainer.UserError(f"--source={cfg['source']}: no usable rows (expected {SCHEMAS[kind_ or 'pretrain']})")
+        raise common.UserError(f"--source={cfg['source']}: no usable rows (expected {SCHEMAS[kind_ or 'pretrain']})")
     return kind_, records, skipped
 
 
@@ -674,7 +726,7 @@ def split_val(n, fraction, seed):
 
 def prepare_real(cfg, out):
     if not 0 < cfg["val_fraction"] < 1:
-        raise trainer.UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+        raise common.UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     kind_, records, skipped = read_records(cfg)
     if kind_ == "pretrain":
         texts = records
@@ -685,7 +737,7 @@ def prepare_real(cfg, out):
     tok = get_tokenizer(cfg, texts)
     meta = check_output_dir(out, tok, (kind_,))
     if len(records) < 2 and kind_ != "pretrain":
-        raise trainer.UserError(f"--source={cfg['source']}: only {len(records)} usable row; need 2 or more to hold "
+        raise common.UserError(f"--source={cfg['source']}: only {len(records)} usable row; need 2 or more to hold "
                                 f"out a val split")
     val_idx = set(split_val(len(records), cfg["val_fraction"], cfg["seed"])) if len(records) > 1 else set()
     train = [r for i, r in enumerate(records) if i not in val_idx]
@@ -713,8 +765,8 @@ def prepare_real(cfg, out):
 
 def main(argv=None):
     # a copy of the settings, so that calling main() twice (the tests do) starts from the defaults each time
-    cfg = trainer.configure(dict(globals()), argv)
-    out = trainer.dataset_dir(cfg["dataset"])
+    cfg = common.configure(dict(globals()), argv)
+    out = common.dataset_dir(cfg["dataset"])
     meta = prepare_world(cfg, out) if not cfg["source"] else prepare_real(cfg, out)
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in sorted(os.listdir(out))
              if not name.endswith(".tmp")}
@@ -724,4 +776,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

@@ -13,7 +13,7 @@ sequence's length, never from token ids: padding and end-of-turn may share one).
 
 Metrics on held-out pairs: pair_accuracy (share ranked right) and reward_margin (mean r_chosen - r_rejected).
 Writes ckpt.pt (stage 'reward': the trunk in `model`, the head in `score_head`), best.pt, metrics.jsonl, loss.png.
-`load` and `score` below are what ppo.py uses to score its rollouts.
+trainer.load_reward_model and trainer.reward_scores are what ppo.py scores its rollouts with.
 """
 import json
 
@@ -65,30 +65,6 @@ def pairwise_loss(r_chosen, r_rejected, margin, center_coef=0.0):
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
-
-
-def load(path, device):
-    """A reward checkpoint -> (ScoreModel on `device` in eval mode, tokenizer)."""
-    ckpt = trainer.load_checkpoint(path, stages=("reward",))
-    gpt, tokenizer = trainer.model_from_checkpoint(ckpt, "cpu")
-    rm = ScoreModel(gpt.config)
-    rm.gpt = gpt
-    if "score_head" not in ckpt:
-        raise trainer.UserError(f"{path}: a reward checkpoint without its score_head")
-    rm.head.load_state_dict(ckpt["score_head"])
-    return rm.to(device).eval(), tokenizer
-
-
-@torch.no_grad()
-def score(rm, prompts, responses, pad_id, device, autocast=None):
-    """Scores of (prompt ids, response ids) pairs: lists of token-id lists; each response should end with its
-    end-of-turn token, as in training. Returns a (B,) float32 tensor on `device`. A pair longer than the context
-    keeps its end (the reply is what is scored)."""
-    seqs = [(list(p) + list(r))[-rm.config.block_size:] for p, r in zip(prompts, responses)]
-    idx = trainer.pad_right(seqs, pad_id).to(device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    with autocast or torch.autocast(idx.device.type, enabled=False):
-        return rm.score(idx, lengths).float()
 
 
 def main():

@@ -482,7 +482,7 @@ class Oracle(torch.nn.Module):
         self.tok, self.replies = tok, replies
         self.config = ModelConfig(vocab_size=tok.vocab_size, block_size=128)
 
-    def generate(self, idx, max_new_tokens, temperature, stop_tokens, attention_mask, pad_id):
+    def generate(self, idx, max_new_tokens, temperature, stop_tokens, attention_mask, pad_id, **sampling):
         assert temperature == 0 and self.tok.end_id in stop_tokens and not self.training
         rows = []
         for r in range(idx.shape[0]):

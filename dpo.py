@@ -173,7 +173,7 @@ def main():
         x, y, loss_mask = batch
         B = x.shape[0] // 2
         mask = loss_mask.float()
-        logits, _ = model_(x)
+        logits, aux_loss = model_(x)  # aux_loss: MoE balancing (0 for a dense model or in eval mode)
         logps = (trainer.token_logps(logits, y) * mask).sum(-1)                      # (2B,) summed over the reply
         n = mask.sum(-1).clamp(min=1)
         evaluating = not model.training
@@ -195,7 +195,7 @@ def main():
         loss = losses.mean()
         if rpo_alpha:  # DPO alone may lower the chosen reply's likelihood too, as long as rejected falls faster
             loss = loss - rpo_alpha * (logps[:B] / n[:B]).mean()
-        return loss + model.aux_loss, metrics
+        return loss + aux_loss, metrics
 
     evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", evaluate=evaluate,

@@ -171,9 +171,9 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg.n_embd, cfg.ffn_hidden) for _ in range(cfg.n_experts))
         # n shared experts of the same size act like one MLP n times as wide, so they are one MLP here
         self.shared = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.ffn_hidden) if cfg.n_shared_experts else None
-        self.aux_loss = None
 
     def forward(self, x):
+        """(..., C) -> ((..., C), the balancing loss: a 0-dim tensor in training mode, None in eval mode)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                           # (N, C)
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)        # (N, E)
@@ -191,13 +191,14 @@ class MoE(nn.Module):
         out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)
         if self.shared is not None:
             out = out + self.shared(x)
+        aux_loss = None
         if self.training:
             # Switch/Mixtral balancing loss: n_experts * sum_i f_i * P_i, f_i the share of routed pairs that went to
             # expert i (no gradient), P_i its mean router probability (the gradient path). Uniform routing gives
             # exactly 1; the more the routing concentrates on few experts, the larger it gets. Padding tokens count.
             f = counts.float() / flat_idx.numel()
-            self.aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
-        return out.view(shape)
+            aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
+        return out.view(shape), aux_loss
 
 
 class Block(nn.Module):
@@ -210,8 +211,10 @@ class Block(nn.Module):
         self.mlp_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask, is_causal, cache, layer):
+        """-> (x, the MoE balancing loss or None)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
+        h, aux_loss = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(self.mlp_norm(x)), None)
+        return x + self.mlp_dropout(h), aux_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,7 +236,6 @@ class GPT(nn.Module):
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.aux_loss = torch.zeros(())
 
         self.apply(self._init_weights)
         # residual-branch outputs are summed over 2*n_layer branches: scale their init so the residual stream's
@@ -284,9 +286,10 @@ class GPT(nn.Module):
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
-    def hidden_states(self, idx, attention_mask=None, positions=None, cache=None):
-        """(B, T) token ids -> (B, T, n_embd) after the final norm. With a cache, idx holds only the new tokens and
-        attention_mask (if any) covers everything cached so far plus them."""
+    def hidden_states(self, idx, attention_mask=None, positions=None, cache=None, return_aux=False):
+        """(B, T) token ids -> (B, T, n_embd) after the final norm; with return_aux also the MoE balancing loss
+        (moe_aux_coef x the layers' mean; a 0-dim 0 for a dense model or in eval mode). With a cache, idx holds only
+        the new tokens and attention_mask (if any) covers everything cached so far plus them."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         total = start + T
@@ -321,30 +324,34 @@ class GPT(nn.Module):
             # a padding query sees itself so that its softmax row is never empty (NaN); its output is never used
             mask = ((k_pos <= q_pos) & key_ok) | (k_pos == q_pos)                          # (B, 1, T, total)
 
+        aux = []
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i)
+            x, layer_aux = block(x, cos, sin, mask, is_causal, cache, i)
+            if layer_aux is not None:
+                aux.append(layer_aux)
         if cache is not None:
             cache.pos = total
-        if self.config.n_experts and self.training:
-            moe_aux = torch.stack([block.mlp.aux_loss for block in self.layers]).mean()
-            self.aux_loss = self.config.moe_aux_coef * moe_aux
-        else:
-            self.aux_loss = torch.zeros((), device=x.device)
-        return self.norm(x)
+        if not return_aux:
+            return self.norm(x)
+        aux_loss = self.config.moe_aux_coef * torch.stack(aux).mean() if aux else torch.zeros((), device=x.device)
+        return self.norm(x), aux_loss
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, positions=None, cache=None):
-        """targets are already shifted (targets[:, t] follows idx[:, t]); -1 and loss_mask == 0 are ignored.
-        In training mode the loss includes model.aux_loss (MoE balancing); in eval mode that is zero."""
-        x = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache)
+        """(B, T) ids -> (logits (B, T, V), loss). With targets (already shifted: targets[:, t] follows idx[:, t];
+        -1 and loss_mask == 0 are ignored), loss = the mean cross entropy + the MoE balancing loss. Without, loss is
+        the MoE balancing loss alone, for a stage's own loss to add (DPO, PPO). The balancing loss is moe_aux_coef x
+        the Switch/Mixtral load-balancing term in training mode, and 0 for a dense model or in eval mode."""
+        x, aux_loss = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache,
+                                         return_aux=True)
         logits = self.lm_head(x)
         if targets is None:
-            return logits, None
+            return logits, aux_loss
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -1)
         loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1, reduction="sum")
         n_counted = (targets != -1).sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
-        return logits, loss_sum / n_counted + self.aux_loss
+        return logits, loss_sum / n_counted + aux_loss
 
     # ------------------------------------------------------------------------------------------------------------
     # generation
@@ -427,16 +434,17 @@ class ScoreModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, attention_mask=None, return_logits=False):
-        """(B, T) -> (B, T) float32 scalars; with return_logits also the trunk's (B, T, V) language-model logits from
-        the same pass (a reward model regularised with the chosen reply's LM loss)."""
-        h = self.gpt.hidden_states(idx, attention_mask=attention_mask)
+        """(B, T) -> (values (B, T) float32 scalars, logits, aux_loss): logits the trunk's (B, T, V) language-model
+        logits from the same pass with return_logits (a reward model regularised with the chosen reply's LM loss),
+        else None; aux_loss the trunk's MoE balancing loss (GPT.forward), for the training loss to add."""
+        h, aux_loss = self.gpt.hidden_states(idx, attention_mask=attention_mask, return_aux=True)
         values = self.head(h).squeeze(-1).float()
-        return (values, self.gpt.lm_head(h)) if return_logits else values
+        return values, (self.gpt.lm_head(h) if return_logits else None), aux_loss
 
     def score(self, idx, lengths):
         """(B, T) right-padded ids and (B,) real lengths -> (B,) scores at each row's last real token. The position
         comes from the length, never from the token ids: padding and end-of-turn may share an id."""
-        values = self(idx)
+        values = self(idx)[0]
         return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
 
 

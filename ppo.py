@@ -280,8 +280,8 @@ def main():
 
     def policy_logps(seqs, resp_mask, train):
         policy.train(train)
-        logits, _ = policy(seqs)
-        return response_logps(logits, seqs, resp_mask, temperature)
+        logits, aux_loss = policy(seqs)  # aux_loss: MoE balancing (0 for a dense model or in eval mode)
+        return response_logps(logits, seqs, resp_mask, temperature), aux_loss
 
     @torch.no_grad()
     def reference_logps(seqs, resp_mask):
@@ -320,13 +320,13 @@ def main():
         ended_t = torch.tensor(ended, device=dev, dtype=torch.float32)
         scores = rm_weight * rm_scores + checker_weight * checker + unfinished_penalty * (1 - ended_t)
         with rt.autocast:
-            old_logps = policy_logps(seq_t, resp_mask, train=False)
+            old_logps, _ = policy_logps(seq_t, resp_mask, train=False)
             ref_logps = reference_logps(seq_t, resp_mask)
             values = None
             if critic is not None:
                 critic.eval()
                 # the value of the state before each token: the critic's output one position earlier
-                values = torch.nn.functional.pad(critic(seq_t)[:, :-1], (1, 0)) * resp_mask
+                values = torch.nn.functional.pad(critic(seq_t)[0][:, :-1], (1, 0)) * resp_mask
         return dict(seqs=seq_t, resp_mask=resp_mask, old_logps=old_logps, ref_logps=ref_logps, values=values,
                     scores=scores, rm_scores=rm_scores, checker=checker, ended=ended_t,
                     lengths=torch.tensor([len(r) for r in responses], device=dev, dtype=torch.float32),
@@ -403,10 +403,10 @@ def main():
                                                         for u in order[start:start + mb_units]]), device=dev)
                     m = mask[rows]
                     with rt.autocast:
-                        logps = policy_logps(batch["seqs"][rows], m, train=True)
+                        logps, aux_loss = policy_logps(batch["seqs"][rows], m, train=True)
                         pg, clip_frac = clipped_policy_loss(logps, batch["old_logps"][rows], advantages[rows], m,
                                                             clip_range)
-                        loss = pg + policy.aux_loss
+                        loss = pg + aux_loss
                         if algo == "grpo":
                             loss = loss + kl * masked_mean(kl_estimate(logps, batch["ref_logps"][rows], "k3"), m)
                     trainer.check_finite(loss.item(), "the policy loss", step + 1, out)
@@ -422,9 +422,10 @@ def main():
                     if critic is not None:
                         critic.train()
                         with rt.autocast:
-                            v = torch.nn.functional.pad(critic(batch["seqs"][rows])[:, :-1], (1, 0))
+                            v, _, critic_aux = critic(batch["seqs"][rows])
+                            v = torch.nn.functional.pad(v[:, :-1], (1, 0))
                             vloss = vf_coef * clipped_value_loss(v, batch["values"][rows], returns[rows], m,
-                                                                 value_clip)
+                                                                 value_clip) + critic_aux
                         rt.scaler.scale(vloss).backward()
                         rt.scaler.unscale_(critic_opt)
                         torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip or math.inf)

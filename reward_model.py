@@ -107,8 +107,7 @@ def main():
         idx, lengths, loss_mask, margin = batch
         B = len(margin)
         # one forward over chosen and rejected rows: the scalar at every position (and the LM logits if needed)
-        out = model_(idx, return_logits=bool(lm_coef))
-        values, logits = out if lm_coef else (out, None)                              # (2B, T), (2B, T, V)
+        values, logits, aux_loss = model_(idx, return_logits=bool(lm_coef))           # (2B, T), (2B, T, V)
         rewards = values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
         r_chosen, r_rejected = rewards[:B], rewards[B:]
         diff = r_chosen - r_rejected
@@ -117,7 +116,7 @@ def main():
             logps = trainer.token_logps(logits[:B, :-1], idx[:B, 1:])
             m = loss_mask[:B, 1:].float()
             loss = loss - lm_coef * (logps * m).sum() / m.sum().clamp(min=1)
-        loss = loss + model.gpt.aux_loss  # MoE balancing (0 for a dense model or in eval mode)
+        loss = loss + aux_loss  # MoE balancing (0 for a dense model or in eval mode)
         return loss, {"pair_accuracy": (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean(),
                       "reward_margin": diff.mean(), "reward_chosen": r_chosen.mean(),
                       "reward_rejected": r_rejected.mean()}

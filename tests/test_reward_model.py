@@ -31,7 +31,7 @@ def test_scores_do_not_depend_on_right_padding_even_when_padding_is_the_end_of_t
     torch.testing.assert_close(longer[0], alone[0])
     torch.testing.assert_close(same_id[0], alone[0])
     # and it is the value at the last real token
-    values = rm(torch.tensor([prompt + reply]))
+    values, _, _ = rm(torch.tensor([prompt + reply]))
     torch.testing.assert_close(alone[0], values[0, -1])
 
 

@@ -121,7 +121,6 @@ def main():
     rt = trainer.setup(device, dtype, seed, compile)
     model, tokenizer, init, resume_from, trainable = trainer.init_finetune(cfg, "dpo", ("sft", "dpo", "ppo"))
     cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
-    cfg["min_lr"] = min_lr or cfg["learning_rate"] / 10
     model.to(rt.device)
 
     # the reference: the policy's own frozen base (LoRA), or a frozen copy of the starting checkpoint

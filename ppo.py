@@ -86,7 +86,7 @@ minibatch_size = 16            # rollouts per optimizer step (grpo: several grou
 max_iters = 60                 # rollout steps
 learning_rate = 0.0            # 0 = the finetune mode's default: 1e-5 full, 2e-4 lora/qlora
 critic_learning_rate = 1e-4
-min_lr = 0.0                   # 0 = learning_rate (constant after warmup)
+min_lr = 0.0                   # 0 = learning_rate / 10
 warmup_iters = 5
 lr_decay_iters = 0
 weight_decay = 0.0
@@ -224,7 +224,6 @@ def main():
     cfg["group_size"] = G
     cfg["kl_coef"] = kl = kl_coef or DEFAULT_KL[algo]
     lr = cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
-    cfg["min_lr"] = min_lr or lr
     rt = trainer.setup(device, dtype, seed, compile)
     dev = rt.device
 

@@ -44,7 +44,7 @@ max_iters = 1000
 batch_size = 16                # sequences per micro-batch, per process
 grad_accum = 1                 # micro-batches per optimizer step, over all processes
 learning_rate = 2e-3
-min_lr = 2e-4                  # the cosine schedule ends here
+min_lr = 2e-4                  # the cosine schedule ends here (0 = learning_rate / 10)
 warmup_iters = 30
 lr_decay_iters = 0             # 0 = max_iters
 weight_decay = 0.1

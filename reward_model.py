@@ -41,7 +41,7 @@ max_iters = 300
 batch_size = 32                # pairs per micro-batch, per process
 grad_accum = 1
 learning_rate = 5e-4
-min_lr = 5e-5
+min_lr = 5e-5                  # 0 = learning_rate / 10
 warmup_iters = 20
 lr_decay_iters = 0
 weight_decay = 0.0

@@ -66,7 +66,6 @@ def main():
     rt = trainer.setup(device, dtype, seed, compile)
     model, tokenizer, _, resume_from, trainable = trainer.init_finetune(cfg, "sft", ("pretrain", "sft", "dpo", "ppo"))
     cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
-    cfg["min_lr"] = min_lr or cfg["learning_rate"] / 10
 
     # the conversations, cut to the context once here
     data = {}

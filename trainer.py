@@ -234,8 +234,10 @@ def make_optimizer(model, lr, weight_decay, betas, device_type):
 def lr_at(it, cfg):
     """Learning rate for update `it` (0-based): linear warmup over cfg['warmup_iters'] updates up to
     cfg['learning_rate'], then half a cosine down to cfg['min_lr'], reached at cfg['lr_decay_iters'] (0 means
-    cfg['max_iters']) and kept after. min_lr == learning_rate gives a constant rate after warmup."""
-    lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
+    cfg['max_iters']) and kept after. min_lr == learning_rate gives a constant rate after warmup. In every stage
+    min_lr 0 means learning_rate / 10 (the 10x decay of Hoffmann et al. 2022), so it follows a learning rate that a
+    stage derives from its finetune mode."""
+    lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"] or cfg["learning_rate"] / 10, cfg["warmup_iters"]
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < warmup:
         return lr * (it + 1) / warmup

@@ -28,9 +28,7 @@ loss.png to out_dir.
 import torch
 import torch.nn.functional as F
 
-import lora
 import prepare
-import quantize
 import trainer
 
 # -----------------------------------------------------------------------------
@@ -124,25 +122,7 @@ def main():
     model.to(rt.device)
 
     # the reference: the policy's own frozen base (LoRA), or a frozen copy of the starting checkpoint
-    if finetune == "full":
-        reference, _ = trainer.model_from_checkpoint(init, "cpu")
-        if ref_nf4:
-            quantize.quantize_model(reference, "nf4")
-        reference = reference.requires_grad_(False).to(rt.device).eval()
-    else:
-        reference = None
-
-    def reference_logits(x):
-        with torch.no_grad():
-            if reference is not None:
-                return reference(x)[0]
-            was_training = model.training
-            model.eval()  # no adapter dropout in the reference
-            try:
-                with lora.disable_adapters(model):
-                    return model(x)[0]
-            finally:
-                model.train(was_training)
+    reference_logits = trainer.frozen_reference(model, init, finetune, rt.device, nf4=ref_nf4)
 
     data = {}
     for split in ("train", "val"):
@@ -155,7 +135,7 @@ def main():
     if rt.master:
         print(f"dpo ({loss_type}, beta {beta_:g}): {len(data['train']):,} pairs, {len(data['val']):,} held out | "
               f"{finetune}: {trainable} | lr {cfg['learning_rate']:g} | reference: "
-              f"{'the base, adapters off' if reference is None else 'an NF4 copy' if ref_nf4 else 'a frozen copy'}")
+              f"{'the base, adapters off' if finetune != 'full' else 'an NF4 copy' if ref_nf4 else 'a frozen copy'}")
 
     def get_batch(split, k):
         items = data[split]

@@ -14,7 +14,7 @@ import torch
 
 import quantize
 from common import UserError
-from model import GPT, ModelConfig, left_pad
+from model import GPT, left_pad
 from tokenizer import Tokenizer
 
 

@@ -13,7 +13,7 @@ sequence's length, never from token ids: padding and end-of-turn may share one).
 
 Metrics on held-out pairs: pair_accuracy (share ranked right) and reward_margin (mean r_chosen - r_rejected).
 Writes ckpt.pt (stage 'reward': the trunk in `model`, the head in `score_head`), best.pt, metrics.jsonl, loss.png.
-trainer.load_reward_model and trainer.reward_scores are what ppo.py scores its rollouts with.
+rl.load_reward_model and rl.reward_scores are what ppo.py scores its rollouts with.
 """
 import json
 

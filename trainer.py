@@ -45,12 +45,12 @@ from tqdm import tqdm
 
 import lora
 import prepare
+import quantize
 import world
 from common import (POLICY_STAGES, STAGES, Runtime, UserError, cli, config_keys, configure,  # noqa: F401
                     data_file, dataset_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setup,
                     write_atomic)
 from engine import generate_replies, model_from_checkpoint  # noqa: F401
-from model import ScoreModel
 from prepare import check_tokenizer_matches, load_tokenizer  # noqa: F401
 
 
@@ -198,6 +198,32 @@ def init_finetune(cfg, stage, init_stages):
     if resume_from is not None and cfg["finetune"] != "full":
         lora.load_adapter(model, resume_from)
     return model.train(), tokenizer, init, resume_from, line
+
+
+def frozen_reference(model, init, finetune, device, nf4=False):
+    """The frozen reference a preference or RL stage holds its policy `model` to, as a function (B, T) ids ->
+    (B, T, V) logits without gradient: a frozen copy of the starting checkpoint `init` for full fine-tuning
+    (nf4=True keeps the copy in NF4, ~4.13 bits per weight), else the policy itself with its LoRA adapters
+    switched off, which costs no memory. Either runs in eval mode (no dropout); the policy's mode is restored."""
+    reference = None
+    if finetune == "full":
+        reference, _ = model_from_checkpoint(init, "cpu")
+        if nf4:
+            quantize.quantize_model(reference, "nf4")
+        reference = reference.requires_grad_(False).to(device).eval()
+
+    @torch.no_grad()
+    def reference_logits(x):
+        if reference is not None:
+            return reference(x)[0]
+        was_training = model.training
+        model.eval()
+        try:
+            with lora.disable_adapters(model):
+                return model(x)[0]
+        finally:
+            model.train(was_training)
+    return reference_logits
 
 
 def finish_finetune(model, out_dir, stage, samples, metrics, master=True):
@@ -362,14 +388,15 @@ def check_finite(value, what, step, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # the training loop
 
-TRAIN_KEYS = ("out_dir", "max_iters", "batch_size", "grad_accum", "learning_rate", "min_lr", "warmup_iters",
-              "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters",
-              "log_interval")
+LOOP_KEYS = ("out_dir", "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
+             "beta1", "beta2", "grad_clip", "eval_interval", "log_interval")
+BATCH_KEYS = ("batch_size", "grad_accum", "eval_iters")  # the loop's own step (loss_fn over micro-batches)
+TRAIN_KEYS = LOOP_KEYS + BATCH_KEYS
 
 
-def check_train_config(cfg, world_size=1):
+def check_train_config(cfg, world_size=1, keys=TRAIN_KEYS):
     """UserError naming the setting for values the loop cannot work with."""
-    missing = [k for k in TRAIN_KEYS if k not in cfg]
+    missing = [k for k in keys if k not in cfg]
     if missing:
         raise TypeError(f"trainer.train: the stage's config lacks {missing}")
 
@@ -377,15 +404,17 @@ def check_train_config(cfg, world_size=1):
         if not ok:
             raise UserError(f"--{key}={cfg[key]!r}: {rule}")
     for k in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        need(cfg[k] >= 1, k, "must be at least 1")
+        if k in keys:
+            need(cfg[k] >= 1, k, "must be at least 1")
     for k in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
         need(cfg[k] >= 0, k, "must not be negative")
     need(cfg["learning_rate"] > 0, "learning_rate", "must be positive")
     need(cfg["min_lr"] <= cfg["learning_rate"], "min_lr", "must not exceed --learning_rate")
     for k in ("beta1", "beta2"):
         need(0 <= cfg[k] < 1, k, "must be in [0, 1)")
-    need(cfg["grad_accum"] % world_size == 0, "grad_accum",
-         f"must be a multiple of the number of processes ({world_size}): it counts micro-batches over all of them")
+    if "grad_accum" in keys:
+        need(cfg["grad_accum"] % world_size == 0, "grad_accum", f"must be a multiple of the number of processes "
+             f"({world_size}): it counts micro-batches over all of them")
 
 
 def _count_tokens(batch):
@@ -405,7 +434,8 @@ def _scalars(metrics):
 
 
 def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, evaluate=None, resume_from=None,
-          optimizer=None, best_metric="val_loss", higher_is_better=False):
+          optimizer=None, best_metric="val_loss", higher_is_better=False, step_fn=None, train_state=None,
+          summary_keys=(), log_panels=MetricsLog.LOSS_PANELS, png="loss.png", name=None):
     """Train `model` and return the metrics of the final evaluation (a dict; also in the checkpoint).
 
     model: an nn.Module already on rt.device (weights loaded when resuming). The loop compiles it (rt.compile)
@@ -420,26 +450,34 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         is what makes a resumed run identical to an uninterrupted one and torchrun identical to one process
         with the same global batch (grad_accum x batch_size). tokens/s counts the batch's first tensor.
     cfg: the stage's settings with the keys in TRAIN_KEYS (batch_size = micro-batch per process, grad_accum =
-        micro-batches per optimizer step over all processes).
-    stage: the checkpoint's stage name. checkpoint_entries() -> dict: model_config, model, tokenizer and any
-        extras (e.g. a reward head); see model_entries. The loop adds stage, train_config, metrics, step,
-        optimizer, scaler, rng, data_position, best.
+        micro-batches per optimizer step over all processes); with step_fn, LOOP_KEYS.
+    stage: the checkpoint's stage name (name: the progress bar's and plot's, default stage). checkpoint_entries()
+        -> dict: model_config, model, tokenizer and any extras (e.g. a reward head); see model_entries. The loop
+        adds stage, train_config, metrics, step, optimizer, scaler, rng, data_position, best, and train_state()
+        (a dict: more training state, e.g. PPO's critic) to the last checkpoint.
     evaluate(model, metrics) -> dict: extra metrics at each evaluation (e.g. exact_match), given the unwrapped
         model in eval mode and this evaluation's val_loss and loss_fn metrics. Runs on every process.
     resume_from: a checkpoint from resume_checkpoint(): restores optimizer, scaler, step, RNG states, data
-        position and the best value; the stage has loaded the model weights from it already.
+        position and the best value; the stage has loaded the model weights (and its train_state) already.
     optimizer: default make_optimizer(model, ...) from cfg; pass one for custom parameter groups.
-    best_metric / higher_is_better: what best.pt is chosen by.
+    best_metric / higher_is_better: what best.pt is chosen by; an evaluation without it (a data set without
+        checkable prompts) counts as the best so far.
+    step_fn(step, stop) -> (record, tokens, stopping): one whole training step of a stage whose step
+        is not "micro-batches of loss_fn, one optimizer step" (PPO: rollouts, then several updates with
+        rt.scaler), instead of loss_fn and get_batch (both None: evaluations then have no val loss). record: the
+        step's scalars for the metrics log; tokens: processed this step; stopping: stop after this step, read from
+        stop.signum (a Ctrl-C or SIGTERM during the step) at its end; every process must agree. It runs the optimizer steps itself; the loop has set the lr of this step.
+    summary_keys: step-record keys whose mean over the last 10 steps joins each evaluation's metrics (PPO's
+        reward_mean and kl). log_panels / png: the plot's panels and file name (MetricsLog).
 
     Each step: grad_accum micro-batches (no DDP gradient sync until the last), clip at grad_clip (0 = no
     clipping), optimizer step at lr_at(step). Every eval_interval steps and at the end: val loss over
-    eval_iters batches plus evaluate(), a metrics.jsonl record, loss.png, ckpt.pt (last, with the training
+    eval_iters batches plus evaluate(), a metrics.jsonl record, the plot, ckpt.pt (last, with the training
     state) and best.pt (model only) when best_metric improved. Logs train_loss, lr, grad_norm and tokens/s
     every log_interval steps. Ctrl-C/SIGTERM: finish the step, save ckpt.pt, exit 130/143. A NaN or inf loss:
     UserError before the optimizer step, so the last checkpoint stays good."""
-    check_train_config(cfg, rt.world_size)
-    out_dir, max_iters, grad_accum = cfg["out_dir"], cfg["max_iters"], cfg["grad_accum"]
-    accum_here = grad_accum // rt.world_size  # micro-batches per step in this process
+    check_train_config(cfg, rt.world_size, LOOP_KEYS if step_fn else TRAIN_KEYS)
+    out_dir, max_iters = cfg["out_dir"], cfg["max_iters"]
     raw = model.to(rt.device)
     params = [p for p in raw.parameters() if p.requires_grad]
     if optimizer is None:
@@ -449,7 +487,7 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     step, next_k, tokens_seen, best, metrics = 0, 0, 0, None, {}
     if resume_from is not None:
         optimizer.load_state_dict(resume_from["optimizer"])
-        if rt.scaler.is_enabled() and resume_from["scaler"]:  # empty when the run was not in fp16
+        if rt.scaler.is_enabled() and resume_from.get("scaler"):  # empty when the run was not in fp16
             rt.scaler.load_state_dict(resume_from["scaler"])
         step, best, metrics = resume_from["step"], resume_from["best"], resume_from["metrics"]
         next_k, tokens_seen = resume_from["data_position"]["next_k"], resume_from["data_position"]["tokens_seen"]
@@ -459,8 +497,9 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     # evaluation runs on `fwd`, never through DDP: its forward would sync buffers across processes
     ddp_model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None) if rt.ddp else fwd
     log = MetricsLog(out_dir, enabled=rt.master, resume_step=step if resume_from is not None else None,
-                     title=f"{stage}: {out_dir}")
+                     title=f"{name or stage}: {out_dir}", panels=log_panels, png=png)
     ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    history = []  # the step records since the start of this process, for summary_keys
 
     def save(path, training_state):
         if not rt.master:
@@ -469,27 +508,29 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         obj.update(stage=stage, train_config=dict(cfg), metrics=metrics, step=step)
         if training_state:
             obj.update(optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng_state(), best=best,
-                       data_position={"next_k": next_k, "tokens_seen": tokens_seen})
+                       data_position={"next_k": next_k, "tokens_seen": tokens_seen}, **(train_state or dict)())
         save_checkpoint(path, obj)
 
     def run_eval():
         # every process evaluates every val batch: identical numbers everywhere and no collectives needed
         raw.eval()
-        total, n = None, 0
-        with torch.no_grad():
-            for k in range(cfg["eval_iters"]):
-                batch = get_batch("val", k)
-                if batch is None:
-                    break
-                with rt.autocast:
-                    loss, extra = loss_fn(fwd, batch)
-                vec = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32,
-                                  device=loss.device) for v in extra.values()])
-                total, n, keys = (vec if total is None else total + vec), n + 1, list(extra)
-        if n == 0:
-            raise UserError(f"{stage}: the validation set is empty (get_batch('val', 0) gave nothing)")
-        values = (total / n).tolist()
-        result = {"val_loss": values[0], **dict(zip(keys, values[1:]))}
+        result = {}
+        if get_batch is not None:
+            total, n = None, 0
+            with torch.no_grad():
+                for k in range(cfg["eval_iters"]):
+                    batch = get_batch("val", k)
+                    if batch is None:
+                        break
+                    with rt.autocast:
+                        loss, extra = loss_fn(fwd, batch)
+                    vec = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32,
+                                      device=loss.device) for v in extra.values()])
+                    total, n, keys = (vec if total is None else total + vec), n + 1, list(extra)
+            if n == 0:
+                raise UserError(f"{stage}: the validation set is empty (get_batch('val', 0) gave nothing)")
+            values = (total / n).tolist()
+            result = {"val_loss": values[0], **dict(zip(keys, values[1:]))}
         if evaluate is not None:
             result.update(evaluate(raw, dict(result)))
         raw.train()
@@ -498,18 +539,59 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     def eval_and_save():
         nonlocal metrics, best
         metrics = run_eval()
-        log.log({"step": step, **metrics})
+        log.log({"step": step, **metrics})  # summary_keys are in the step records already
+        recent = history[-10:]
+        metrics.update({k: float(np.mean([r[k] for r in recent])) for k in summary_keys if recent})
         if rt.master:
             tqdm.write(f"step {step}: {_scalars(metrics)}")
             log.plot()
         value = metrics.get(best_metric)
-        improved = value is not None and (best is None or (value > best if higher_is_better else value < best))
-        if improved:
+        improved = value is None or best is None or (value > best if higher_is_better else value < best)
+        if improved and value is not None:
             best = value
         save(ckpt_path, training_state=True)
         if improved:
             save(best_path, training_state=False)
 
+    def batch_step(step, stop):
+        # grad_accum micro-batches of loss_fn, one optimizer step; the one host sync of the step is the
+        # all-reduce of the mean loss and metrics over all processes, the grad norm and the Ctrl-C flag
+        nonlocal next_k
+        accum_here = cfg["grad_accum"] // rt.world_size  # micro-batches per step in this process
+        loss_sum, extra_sum, ntok = torch.zeros((), device=rt.device), {}, 0
+        for micro in range(accum_here):
+            batch = get_batch("train", next_k + rt.rank * accum_here + micro)
+            ntok += _count_tokens(batch)
+            # gradients are all-reduced once per step, on the last micro-batch, not on every backward
+            last = micro == accum_here - 1
+            with (ddp_model.no_sync() if rt.ddp and not last else nullcontext()):
+                with rt.autocast:
+                    loss, extra = loss_fn(ddp_model, batch)
+                rt.scaler.scale(loss / accum_here).backward()
+            loss_sum += loss.detach().float()
+            for k, v in extra.items():
+                extra_sum[k] = extra_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
+        rt.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+        stats = torch.stack([loss_sum / accum_here, grad_norm.float().to(loss_sum.device),
+                             torch.tensor(1.0 if stop.signum else 0.0, device=loss_sum.device)]
+                            + [(v / accum_here).to(loss_sum.device) for v in extra_sum.values()])
+        if rt.ddp:
+            dist.all_reduce(stats)  # SUM: gloo has no AVG
+            stats /= rt.world_size
+        train_loss, norm, stopping, *extra_means = stats.tolist()
+        check_finite(train_loss, "the training loss", step + 1, out_dir)
+        if not rt.scaler.is_enabled():  # with fp16 an inf gradient only makes the scaler skip the step
+            check_finite(norm, "the gradient norm", step + 1, out_dir)
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        next_k += cfg["grad_accum"]
+        record = {"train_loss": train_loss, "grad_norm": norm,
+                  **{f"train_{k}": v for k, v in zip(extra_sum, extra_means)}}
+        return record, ntok * rt.world_size, bool(stopping)
+
+    step_fn = step_fn or batch_step
     if resume_from is None and rt.master and os.path.exists(ckpt_path):
         print(f"note: {out_dir} has a checkpoint from an earlier run; it will be overwritten "
               f"(--resume=True continues it instead)", file=sys.stderr)
@@ -519,7 +601,8 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         return metrics
 
     raw.train()
-    bar = tqdm(total=max_iters, initial=step, desc=stage, disable=not rt.master, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=max_iters, initial=step, desc=name or stage, disable=not rt.master, dynamic_ncols=True,
+               file=sys.stderr)
     with GracefulStop() as stop, bar:
         if resume_from is None:
             eval_and_save()  # the step-0 baseline, and a checkpoint exists from the start
@@ -529,49 +612,19 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss_sum, extra_sum, ntok = torch.zeros((), device=rt.device), {}, 0
-            for micro in range(accum_here):
-                batch = get_batch("train", next_k + rt.rank * accum_here + micro)
-                ntok += _count_tokens(batch)
-                # gradients are all-reduced once per step, on the last micro-batch, not on every backward
-                last = micro == accum_here - 1
-                with (ddp_model.no_sync() if rt.ddp and not last else nullcontext()):
-                    with rt.autocast:
-                        loss, extra = loss_fn(ddp_model, batch)
-                    rt.scaler.scale(loss / accum_here).backward()
-                loss_sum += loss.detach().float()
-                for k, v in extra.items():
-                    extra_sum[k] = extra_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
-            rt.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
-
-            # the one host sync of a step: mean loss and metrics over all processes, grad norm, Ctrl-C flag
-            stats = torch.stack([loss_sum / accum_here, grad_norm.float().to(loss_sum.device),
-                                 torch.tensor(1.0 if stop.signum else 0.0, device=loss_sum.device)]
-                                + [(v / accum_here).to(loss_sum.device) for v in extra_sum.values()])
-            if rt.ddp:
-                dist.all_reduce(stats)  # SUM: gloo has no AVG
-                stats /= rt.world_size
-            train_loss, norm, stopping, *extra_means = stats.tolist()
-            check_finite(train_loss, "the training loss", step + 1, out_dir)
-            if not rt.scaler.is_enabled():  # with fp16 an inf gradient only makes the scaler skip the step
-                check_finite(norm, "the gradient norm", step + 1, out_dir)
-
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            record, ntok, stopping = step_fn(step, stop)
             step += 1
-            next_k += grad_accum
-            tokens_seen += ntok * rt.world_size
+            tokens_seen += ntok
+            history.append(record)
             t_interval += time.perf_counter() - t0
-            tok_interval += ntok * rt.world_size
+            tok_interval += ntok
             bar.update(1)
 
             if step % cfg["log_interval"] == 0 or step == max_iters:
                 tok_s = tok_interval / max(t_interval, 1e-9)
-                log.log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,
-                         "tokens": tokens_seen, **{f"train_{k}": v for k, v in zip(extra_sum, extra_means)}})
-                bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s")
+                log.log({"step": step, **record, "lr": lr, "tok_per_s": tok_s, "tokens": tokens_seen})
+                shown = " ".join(f"{k.replace('train_', '')} {v:.4g}" for k, v in list(record.items())[:3])
+                bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s")
                 t_interval, tok_interval = 0.0, 0
             if step % cfg["eval_interval"] == 0 or step == max_iters:
                 eval_and_save()
@@ -655,29 +708,3 @@ def print_samples(samples, title="sample answers to held-out prompts (greedy)"):
         verdict = "right" if right else f"wrong, expected {answer}"
         print(f"  > {' '.join(prompt.split())}\n    {' '.join(response.split()) or '(no answer)'}   [{verdict}]")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# the reward model's scores (reward_model.py trains it; ppo.py scores its rollouts with it)
-
-def load_reward_model(path, device):
-    """A reward checkpoint -> (ScoreModel on `device` in eval mode, tokenizer)."""
-    ckpt = load_checkpoint(path, stages=("reward",))
-    gpt, tokenizer = model_from_checkpoint(ckpt, "cpu")
-    rm = ScoreModel(gpt.config)
-    rm.gpt = gpt
-    if "score_head" not in ckpt:
-        raise UserError(f"{path}: a reward checkpoint without its score_head")
-    rm.head.load_state_dict(ckpt["score_head"])
-    return rm.to(device).eval(), tokenizer
-
-
-@torch.no_grad()
-def reward_scores(rm, prompts, responses, pad_id, device, autocast=None):
-    """Scores of (prompt ids, response ids) pairs: lists of token-id lists; each response should end with its
-    end-of-turn token, as in training. Returns a (B,) float32 tensor on `device`. A pair longer than the context
-    keeps its end (the reply is what is scored)."""
-    seqs = [(list(p) + list(r))[-rm.config.block_size:] for p, r in zip(prompts, responses)]
-    idx = pad_right(seqs, pad_id).to(device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    with autocast or torch.autocast(idx.device.type, enabled=False):
-        return rm.score(idx, lengths).float()

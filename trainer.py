@@ -466,7 +466,8 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         is not "micro-batches of loss_fn, one optimizer step" (PPO: rollouts, then several updates with
         rt.scaler), instead of loss_fn and get_batch (both None: evaluations then have no val loss). record: the
         step's scalars for the metrics log; tokens: processed this step; stopping: stop after this step, read from
-        stop.signum (a Ctrl-C or SIGTERM during the step) at its end; every process must agree. It runs the optimizer steps itself; the loop has set the lr of this step.
+        stop.signum (a Ctrl-C or SIGTERM during the step) at its end; every process must agree. It runs the
+        optimizer steps itself; the loop has set the lr of this step.
     summary_keys: step-record keys whose mean over the last 10 steps joins each evaluation's metrics (PPO's
         reward_mean and kl). log_panels / png: the plot's panels and file name (MetricsLog).
 

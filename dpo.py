@@ -33,9 +33,7 @@ loss.png to out_dir.
 import torch
 import torch.nn.functional as F
 
-import lora
 import prepare
-import quantize
 import trainer
 
 # -----------------------------------------------------------------------------
@@ -140,29 +138,10 @@ def main():
     rt = trainer.setup(device, dtype, seed, compile)
     model, tokenizer, init, resume_from, trainable = trainer.init_finetune(cfg, "dpo", ("sft", "dpo", "ppo"))
     cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
-    cfg["min_lr"] = min_lr or cfg["learning_rate"] / 10
     model.to(rt.device)
 
     # the reference: the policy's own frozen base (LoRA), or a frozen copy of the starting checkpoint
-    if finetune == "full":
-        reference, _ = trainer.model_from_checkpoint(init, "cpu")
-        if ref_nf4:
-            quantize.quantize_model(reference, "nf4")
-        reference = reference.requires_grad_(False).to(rt.device).eval()
-    else:
-        reference = None
-
-    def reference_logits(x):
-        with torch.no_grad():
-            if reference is not None:
-                return reference(x)[0]
-            was_training = model.training
-            model.eval()  # no adapter dropout in the reference
-            try:
-                with lora.disable_adapters(model):
-                    return model(x)[0]
-            finally:
-                model.train(was_training)
+    reference_logits = trainer.frozen_reference(model, init, finetune, rt.device, nf4=ref_nf4)
 
     data = {}
     for split in ("train", "val"):
@@ -175,7 +154,7 @@ def main():
     if rt.master:
         print(f"dpo ({loss_type}, beta {beta_:g}): {len(data['train']):,} pairs, {len(data['val']):,} held out | "
               f"{finetune}: {trainable} | lr {cfg['learning_rate']:g} | reference: "
-              f"{'the base, adapters off' if reference is None else 'an NF4 copy' if ref_nf4 else 'a frozen copy'}")
+              f"{'the base, adapters off' if finetune != 'full' else 'an NF4 copy' if ref_nf4 else 'a frozen copy'}")
 
     def get_batch(split, k):
         items = data[split]
@@ -192,7 +171,7 @@ def main():
         x, y, loss_mask = batch
         B = x.shape[0] // 2
         mask = loss_mask.float()
-        logits, _ = model_(x)
+        logits, aux_loss = model_(x)  # aux_loss: MoE balancing (0 for a dense model or in eval mode)
         logps = (trainer.token_logps(logits, y) * mask).sum(-1)                      # (2B,) summed over the reply
         n = mask.sum(-1).clamp(min=1)
         evaluating = not model.training
@@ -214,7 +193,7 @@ def main():
         loss = losses.mean()
         if rpo_alpha:  # DPO alone may lower the chosen reply's likelihood too, as long as rejected falls faster
             loss = loss - rpo_alpha * (logps[:B] / n[:B]).mean()
-        return loss + model.aux_loss, metrics
+        return loss + aux_loss, metrics
 
     evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", evaluate=evaluate,

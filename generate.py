@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-import trainer
+import common
+import engine
 from model import check_sampling
 from tokenizer import StreamDecoder
 
@@ -77,7 +78,7 @@ def fit_text(tokenizer, text, block_size, max_new_tokens):
 def stream_reply(model, tokenizer, ids, gen, out):
     """Generate after `ids`, writing text to `out` as it is made; returns the reply's token ids (no stop token).
     Stops at any special token: end of turn/text, or a role header an undertrained model starts on its own."""
-    stop = sorted(tokenizer.special_ids)
+    stop = engine.stop_ids(tokenizer)  # the rule every reply ends by (engine.generate_replies)
     idx = torch.tensor([ids], dtype=torch.long, device=gen["device"])
     max_new = min(gen["max_new_tokens"], model.config.block_size - len(ids))
     decoder = StreamDecoder(tokenizer)
@@ -137,19 +138,19 @@ def chat_loop(model, tokenizer, chat, gen, system_msg):
 
 
 def main(argv=None):
-    cfg = trainer.configure(globals(), argv)
+    cfg = common.configure(globals(), argv)
     check_sampling(cfg["temperature"], cfg["top_k"], cfg["top_p"], cfg["repetition_penalty"])
     if cfg["max_new_tokens"] < 1:
-        raise trainer.UserError(f"--max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
+        raise common.UserError(f"--max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
     path = cfg["ckpt"]
 
     # POLICY_STAGES leaves out the reward model: it scores text and has no language-model head to chat with
-    checkpoint = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
-    rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=False)
+    checkpoint = common.load_checkpoint(path, stages=common.POLICY_STAGES)
+    rt = common.setup(device=cfg["device"], seed=cfg["seed"], compile=False)
     try:
-        model, tokenizer = trainer.model_from_checkpoint(checkpoint, rt.device)
-    except (trainer.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
-        raise trainer.UserError(f"{path}: cannot build the model from it: {e}") from None
+        model, tokenizer = engine.model_from_checkpoint(checkpoint, rt.device)
+    except (common.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
+        raise common.UserError(f"{path}: cannot build the model from it: {e}") from None
     model.eval()
     chat = checkpoint["stage"] != "pretrain"
     print(f"{path}: stage {checkpoint['stage']}, {model.num_params() / 1e6:.2f}M parameters, "
@@ -174,8 +175,11 @@ def main(argv=None):
             sys.stdout.write(cfg["prompt"])
         if note:
             print(note, file=sys.stderr)
-        stream_reply(model, tokenizer, ids, gen, sys.stdout)
-        print()
+        reply = engine.generate_replies(model, tokenizer, [ids], gen["max_new_tokens"], gen["device"],
+                                        temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
+                                        repetition_penalty=gen["repetition_penalty"], generator=gen["generator"],
+                                        autocast=gen["ctx"])[0]
+        print(reply.text)
         return
 
     if hasattr(sys.stdin, "reconfigure"):  # nor must odd bytes typed or piped in
@@ -189,4 +193,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    trainer.cli(main)  # UserError -> one line `error: ...`, exit 2; Ctrl-C (loading, one-shot answer) -> exit 130
+    common.cli(main)  # UserError -> one line `error: ...`, exit 2; Ctrl-C (loading, one-shot answer) -> exit 130

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quantize
+from common import UserError, save_checkpoint
 from quantize import QuantLinear
 
 # Regexes on module names (re.search). None means every linear layer except those matching EXCLUDE, i.e. all the
@@ -31,11 +33,6 @@ from quantize import QuantLinear
 DEFAULT_TARGETS = None
 HEAD_PATTERN = r"(^|\.)lm_head$"
 EXCLUDE = (r"(^|\.)router$",)  # MoE routers: tiny, and adapting the routing logits is not what LoRA is for
-
-
-def _user_error(msg):
-    from trainer import UserError
-    return UserError(msg)
 
 
 class LoRALinear(nn.Module):
@@ -131,9 +128,9 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, inc
     matched (re.search) against module names, or None for every linear except the output head and MoE routers.
     Returns the list of wrapped module names. Unfreeze extra parameters (a reward head) after calling this."""
     if lora_layers(model):
-        raise _user_error("lora: the model already has LoRA adapters")
+        raise UserError("lora: the model already has LoRA adapters")
     if r <= 0 or alpha <= 0:
-        raise _user_error(f"lora: lora_r and lora_alpha must be positive (got r={r}, alpha={alpha})")
+        raise UserError(f"lora: lora_r and lora_alpha must be positive (got r={r}, alpha={alpha})")
     names = []
     for name, m in model.named_modules():
         if not _is_linear(m):
@@ -148,13 +145,13 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, inc
         if chosen:
             names.append(name)
     if not names:
-        raise _user_error(f"lora: no linear layer matches targets={targets!r}")
+        raise UserError(f"lora: no linear layer matches targets={targets!r}")
     for name in names:
         m = model.get_submodule(name)
         if isinstance(m, nn.Linear) and any(p is m.weight for n, p in model.named_parameters(remove_duplicate=False)
                                             if n != name + ".weight"):
             # merging into a tied head would silently change the token embedding too
-            raise _user_error(f"lora: {name} shares its weight with the token embedding (tie_embeddings); "
+            raise UserError(f"lora: {name} shares its weight with the token embedding (tie_embeddings); "
                               f"it cannot carry a LoRA adapter, leave include_head off")
     model.requires_grad_(False)
     for name in names:
@@ -197,9 +194,8 @@ def setup_finetune(model, mode, r=8, alpha=16.0, dropout=0.0, include_head=False
            precision), then adapters on top: the base costs ~4.13 bits per weight and gradients reach A and B only.
     Returns the trainable-parameter line ("trainable x of y (z%)")."""
     if mode not in FINETUNE_MODES:
-        raise _user_error(f"--finetune must be one of {', '.join(FINETUNE_MODES)}, got {mode!r}")
+        raise UserError(f"--finetune must be one of {', '.join(FINETUNE_MODES)}, got {mode!r}")
     if mode == "qlora":
-        import quantize
         quantize.quantize_model(model, "nf4")
     if mode in ("lora", "qlora"):
         apply_lora(model, r, alpha, dropout, include_head=include_head)
@@ -263,7 +259,7 @@ def lora_state_dict(model):
 def lora_config(model):
     layers = lora_layers(model)
     if not layers:
-        raise _user_error("lora: the model has no LoRA adapters")
+        raise UserError("lora: the model has no LoRA adapters")
     m = layers[0][1]
     dropout = m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
     return {"r": m.r, "alpha": m.alpha, "dropout": dropout, "modules": [n for n, _ in layers]}
@@ -271,8 +267,7 @@ def lora_config(model):
 
 def save_adapter(model, path, extra=None):
     """Write only the adapters (small): {"lora_config": {r, alpha, dropout, modules}, "adapter": tensors, **extra}.
-    Written atomically by trainer.save_checkpoint; loads with torch.load(weights_only=True)."""
-    from trainer import save_checkpoint
+    Written atomically by common.save_checkpoint; loads with torch.load(weights_only=True)."""
     obj = {"lora_config": lora_config(model), "adapter": lora_state_dict(model)}
     for k, v in (extra or {}).items():
         assert k not in obj, f"save_adapter: extra key {k!r} is reserved"
@@ -285,24 +280,24 @@ def load_adapter(model, src):
     first, on exactly the saved modules, with the saved r/alpha/dropout. Returns the model."""
     if isinstance(src, (str, os.PathLike)):
         if not os.path.exists(src):
-            raise _user_error(f"lora: adapter file {src} does not exist")
+            raise UserError(f"lora: adapter file {src} does not exist")
         src = torch.load(src, map_location="cpu", weights_only=True)
     if not isinstance(src, dict) or "lora_config" not in src or "adapter" not in src:
-        raise _user_error("lora: not a LoRA adapter file (needs 'lora_config' and 'adapter')")
+        raise UserError("lora: not a LoRA adapter file (needs 'lora_config' and 'adapter')")
     cfg = src["lora_config"]
     if not lora_layers(model):
         missing = [n for n in cfg["modules"] if not _has_linear(model, n)]
         if missing:
-            raise _user_error(f"lora: the adapter targets {missing[0]!r}, which is not a linear layer of this model")
+            raise UserError(f"lora: the adapter targets {missing[0]!r}, which is not a linear layer of this model")
         apply_lora(model, cfg["r"], cfg["alpha"], cfg["dropout"],
                    targets=[f"^{re.escape(n)}$" for n in cfg["modules"]], include_head=True)
     have = lora_state_dict(model)
     if set(have) != set(src["adapter"]):
         extra = sorted(set(src["adapter"]) ^ set(have))
-        raise _user_error(f"lora: adapter keys do not match the model's adapters (e.g. {extra[0]!r})")
+        raise UserError(f"lora: adapter keys do not match the model's adapters (e.g. {extra[0]!r})")
     for k, v in src["adapter"].items():
         if v.shape != have[k].shape:
-            raise _user_error(f"lora: adapter {k} has shape {tuple(v.shape)}, the model expects {tuple(have[k].shape)}")
+            raise UserError(f"lora: adapter {k} has shape {tuple(v.shape)}, the model expects {tuple(have[k].shape)}")
     with torch.no_grad():
         params = dict(model.named_parameters())
         for k, v in src["adapter"].items():

@@ -17,14 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _user_error(msg):
-    # bad configs are user input: the plumbing module turns its UserError into a one-line "error: ..."
-    try:
-        from trainer import UserError
-    except ImportError:  # model.py used on its own, without the rest of the project
-        return ValueError(msg)
-    return UserError(msg)
+try:  # bad configs are user input, which the project prints as one line "error: ..."
+    from common import UserError
+except ImportError:  # model.py copied out on its own
+    UserError = ValueError
 
 
 @dataclass
@@ -49,7 +45,7 @@ class ModelConfig:
     def __post_init__(self):
         def check(ok, msg):
             if not ok:
-                raise _user_error(f"ModelConfig: {msg}")
+                raise UserError(f"ModelConfig: {msg}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         check(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
@@ -79,7 +75,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise _user_error(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+            raise UserError(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
 
@@ -181,9 +177,9 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg.n_embd, cfg.ffn_hidden) for _ in range(cfg.n_experts))
         # n shared experts of the same size act like one MLP n times as wide, so they are one MLP here
         self.shared = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.ffn_hidden) if cfg.n_shared_experts else None
-        self.aux_loss = None
 
     def forward(self, x):
+        """(..., C) -> ((..., C), the balancing loss: a 0-dim tensor in training mode, None in eval mode)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                           # (N, C)
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32)        # (N, E)
@@ -201,13 +197,14 @@ class MoE(nn.Module):
         out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)
         if self.shared is not None:
             out = out + self.shared(x)
+        aux_loss = None
         if self.training:
             # Switch/Mixtral balancing loss: n_experts * sum_i f_i * P_i, f_i the share of routed pairs that went to
             # expert i (no gradient), P_i its mean router probability (the gradient path). Uniform routing gives
             # exactly 1; the more the routing concentrates on few experts, the larger it gets. Padding tokens count.
             f = counts.float() / flat_idx.numel()
-            self.aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
-        return out.view(shape)
+            aux_loss = self.n_experts * (f * probs.mean(dim=0)).sum()
+        return out.view(shape), aux_loss
 
 
 class Block(nn.Module):
@@ -220,8 +217,10 @@ class Block(nn.Module):
         self.mlp_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask, is_causal, cache, layer):
+        """-> (x, the MoE balancing loss or None)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
-        return x + self.mlp_dropout(self.mlp(self.mlp_norm(x)))
+        h, aux_loss = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoE) else (self.mlp(self.mlp_norm(x)), None)
+        return x + self.mlp_dropout(h), aux_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,7 +242,6 @@ class GPT(nn.Module):
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.aux_loss = torch.zeros(())
 
         self.apply(self._init_weights)
         # residual-branch outputs are summed over 2*n_layer branches: scale their init so the residual stream's
@@ -251,6 +249,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """A GPT on the CPU from a checkpoint dict's `model_config` (a plain dict) and `model` (its state dict)."""
+        model = cls(ModelConfig.from_dict(ckpt["model_config"]))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint: the weights do not fit its model_config: {str(e).splitlines()[0]}") from None
+        return model
 
     @staticmethod
     def _init_weights(module):
@@ -279,19 +287,20 @@ class GPT(nn.Module):
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
         cfg = self.config
         if max_len > cfg.block_size:
-            raise _user_error(f"cache length {max_len} exceeds block_size={cfg.block_size}")
+            raise UserError(f"cache length {max_len} exceeds block_size={cfg.block_size}")
         p = self.embed_tokens.weight
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
-    def hidden_states(self, idx, attention_mask=None, positions=None, cache=None):
-        """(B, T) token ids -> (B, T, n_embd) after the final norm. With a cache, idx holds only the new tokens and
-        attention_mask (if any) covers everything cached so far plus them."""
+    def hidden_states(self, idx, attention_mask=None, positions=None, cache=None, return_aux=False):
+        """(B, T) token ids -> (B, T, n_embd) after the final norm; with return_aux also the MoE balancing loss
+        (moe_aux_coef x the layers' mean; a 0-dim 0 for a dense model or in eval mode). With a cache, idx holds only
+        the new tokens and attention_mask (if any) covers everything cached so far plus them."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         total = start + T
         if total > self.config.block_size:
-            raise _user_error(f"sequence length {total} exceeds block_size={self.config.block_size}")
+            raise UserError(f"sequence length {total} exceeds block_size={self.config.block_size}")
         if attention_mask is not None and attention_mask.shape != (B, total):
             raise ValueError(f"attention_mask must be (B, {total}), got {tuple(attention_mask.shape)}")
 
@@ -321,30 +330,34 @@ class GPT(nn.Module):
             # a padding query sees itself so that its softmax row is never empty (NaN); its output is never used
             mask = ((k_pos <= q_pos) & key_ok) | (k_pos == q_pos)                          # (B, 1, T, total)
 
+        aux = []
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, is_causal, cache, i)
+            x, layer_aux = block(x, cos, sin, mask, is_causal, cache, i)
+            if layer_aux is not None:
+                aux.append(layer_aux)
         if cache is not None:
             cache.pos = total
-        if self.config.n_experts and self.training:
-            moe_aux = torch.stack([block.mlp.aux_loss for block in self.layers]).mean()
-            self.aux_loss = self.config.moe_aux_coef * moe_aux
-        else:
-            self.aux_loss = torch.zeros((), device=x.device)
-        return self.norm(x)
+        if not return_aux:
+            return self.norm(x)
+        aux_loss = self.config.moe_aux_coef * torch.stack(aux).mean() if aux else torch.zeros((), device=x.device)
+        return self.norm(x), aux_loss
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, positions=None, cache=None):
-        """targets are already shifted (targets[:, t] follows idx[:, t]); -1 and loss_mask == 0 are ignored.
-        In training mode the loss includes model.aux_loss (MoE balancing); in eval mode that is zero."""
-        x = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache)
+        """(B, T) ids -> (logits (B, T, V), loss). With targets (already shifted: targets[:, t] follows idx[:, t];
+        -1 and loss_mask == 0 are ignored), loss = the mean cross entropy + the MoE balancing loss. Without, loss is
+        the MoE balancing loss alone, for a stage's own loss to add (DPO, PPO). The balancing loss is moe_aux_coef x
+        the Switch/Mixtral load-balancing term in training mode, and 0 for a dense model or in eval mode."""
+        x, aux_loss = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache,
+                                         return_aux=True)
         logits = self.lm_head(x)
         if targets is None:
-            return logits, None
+            return logits, aux_loss
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -1)
         loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1, reduction="sum")
         n_counted = (targets != -1).sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
-        return logits, loss_sum / n_counted + self.aux_loss
+        return logits, loss_sum / n_counted + aux_loss
 
     # ------------------------------------------------------------------------------------------------------------
     # generation
@@ -373,9 +386,9 @@ class GPT(nn.Module):
         draws of every row depend on it and a seed must keep giving the same samples."""
         B, T = idx.shape
         if T == 0:
-            raise _user_error("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
+            raise UserError("generate: the prompt is empty; start it with at least one token (e.g. end-of-text)")
         if T + max_new_tokens > self.config.block_size:
-            raise _user_error(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+            raise UserError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                               f"block_size={self.config.block_size}")
         if max_new_tokens <= 0:
             return
@@ -455,16 +468,17 @@ class ScoreModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, attention_mask=None, return_logits=False):
-        """(B, T) -> (B, T) float32 scalars; with return_logits also the trunk's (B, T, V) language-model logits from
-        the same pass (a reward model regularised with the chosen reply's LM loss)."""
-        h = self.gpt.hidden_states(idx, attention_mask=attention_mask)
+        """(B, T) -> (values (B, T) float32 scalars, logits, aux_loss): logits the trunk's (B, T, V) language-model
+        logits from the same pass with return_logits (a reward model regularised with the chosen reply's LM loss),
+        else None; aux_loss the trunk's MoE balancing loss (GPT.forward), for the training loss to add."""
+        h, aux_loss = self.gpt.hidden_states(idx, attention_mask=attention_mask, return_aux=True)
         values = self.head(h).squeeze(-1).float()
-        return (values, self.gpt.lm_head(h)) if return_logits else values
+        return values, (self.gpt.lm_head(h) if return_logits else None), aux_loss
 
     def score(self, idx, lengths):
         """(B, T) right-padded ids and (B,) real lengths -> (B,) scores at each row's last real token. The position
         comes from the length, never from the token ids: padding and end-of-turn may share an id."""
-        values = self(idx)
+        values = self(idx)[0]
         return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
 
 
@@ -585,7 +599,7 @@ def from_hf_llama_state_dict(sd):
     omit lm_head.weight)."""
     def get(name):
         if name not in sd:
-            raise _user_error(f"not a Llama state dict: missing {name!r}")
+            raise UserError(f"not a Llama state dict: missing {name!r}")
         return sd[name]
     n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     out = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight"),
@@ -605,7 +619,7 @@ def from_hf_llama_state_dict(sd):
 def to_hf_llama_state_dict(sd, config):
     """Our state dict -> transformers LlamaForCausalLM's (dense models only: Llama has no MoE)."""
     if config.n_experts:
-        raise _user_error("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
+        raise UserError("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
     qkv_sizes = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
     out = {"model.embed_tokens.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
@@ -626,7 +640,7 @@ def to_hf_llama_state_dict(sd, config):
 def to_hf_llama_config(cfg):
     """Keyword arguments for transformers.LlamaConfig describing the same architecture."""
     if cfg.n_experts:
-        raise _user_error("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
+        raise UserError("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
                 num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                 head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
@@ -639,12 +653,12 @@ def from_hf_llama_config(hf):
     d = hf if isinstance(hf, dict) else hf.to_dict()
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
-        raise _user_error(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        raise UserError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
     if d.get("attention_bias") or d.get("mlp_bias"):
-        raise _user_error("Llama models with attention or MLP biases are not supported")
+        raise UserError("Llama models with attention or MLP biases are not supported")
     n_head = d["num_attention_heads"]
     if d.get("head_dim") not in (None, d["hidden_size"] // n_head):
-        raise _user_error("head_dim != hidden_size // num_attention_heads is not supported")
+        raise UserError("head_dim != hidden_size // num_attention_heads is not supported")
     return ModelConfig(vocab_size=d["vocab_size"], block_size=d["max_position_embeddings"],
                        n_layer=d["num_hidden_layers"], n_head=n_head,
                        n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=d["hidden_size"],

@@ -28,7 +28,10 @@ import time
 
 import torch
 
-import trainer
+import common
+import engine
+import prepare
+import world
 
 # -----------------------------------------------------------------------------
 out_dir = 'checkpoints'        # every stage's folder, the logs and the report
@@ -114,10 +117,10 @@ def fmt(v):
 
 
 def main():
-    cfg = trainer.configure(globals())
+    cfg = common.configure(globals())
     unknown = [s for s in stages if s not in SCRIPTS]
     if unknown:
-        raise trainer.UserError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(SCRIPTS)}")
+        raise common.UserError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(SCRIPTS)}")
     os.makedirs(out_dir, exist_ok=True)
     state_path = os.path.join(out_dir, "pipeline.json")
     state = {"stages": {}}
@@ -128,10 +131,10 @@ def main():
     t_start = time.time()
 
     def save_state():
-        trainer.write_atomic(state_path, lambda f: json.dump(state, f, indent=1, ensure_ascii=False), mode="w")
+        common.write_atomic(state_path, lambda f: json.dump(state, f, indent=1, ensure_ascii=False), mode="w")
 
     # data: prepared once per set of prepare_args (a run cut short during prepare prepares again)
-    data = trainer.dataset_dir(dataset)
+    data = common.dataset_dir(dataset)
     n = len(stages) + 1
     if state.get("prepare") == list(prepare_args) and os.path.exists(os.path.join(data, "meta.json")):
         print(f"[1/{n}] prepare: {data} done earlier, kept", flush=True)
@@ -141,7 +144,7 @@ def main():
         for extra in prepare_args:
             cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--dataset={dataset}", *shlex.split(extra)]
             if run_logged(cmd, os.path.join(logs, "prepare.log")):
-                raise trainer.UserError(f"prepare failed: see {os.path.join(logs, 'prepare.log')}")
+                raise common.UserError(f"prepare failed: see {os.path.join(logs, 'prepare.log')}")
         state["prepare"] = list(prepare_args)
         save_state()
         print(f"      done in {time.time() - t0:.0f}s", flush=True)
@@ -170,7 +173,7 @@ def main():
             print(f"interrupted during {stage}: run the same command again to continue", file=sys.stderr)
             sys.exit(status)
         if status:
-            raise trainer.UserError(f"{stage} failed (exit status {status}): see {log_path}")
+            raise common.UserError(f"{stage} failed (exit status {status}): see {log_path}")
         metrics = last_json(log_path)
         seconds = time.time() - t0 + (state.get("partial_seconds", {}).get(stage, 0) if resuming else 0)
         state["stages"][stage] = {"command": cmd[1:], "seconds": seconds, "metrics": metrics,
@@ -196,10 +199,9 @@ def main():
 def report_prompts(n):
     """n held-out prompts of different task families and languages (the val set is interleaved by task and
     language, so its first prompts already vary); on a data set without them, none."""
-    import prepare
     try:
         rows = prepare.load_prompts(dataset, "val")
-    except trainer.UserError:
+    except common.UserError:
         return []
     picked, seen = [], set()
     for r in rows:  # one per task family first, single-turn (easier to read side by side)
@@ -222,23 +224,18 @@ def answer(model, tokenizer, row, chat):
         ids = [tokenizer.eot_id] + tokenizer.encode(f"Question: {q}\nAnswer:" if row.get("lang") != "zh"
                                                     else f"问题：{q}\n回答：")
     ids = ids[-(model.config.block_size - report_max_new_tokens):]
-    out = model.generate(torch.tensor([ids]), report_max_new_tokens, temperature=0.0,
-                         stop_tokens=sorted(tokenizer.special_ids), pad_id=tokenizer.pad_id)
-    new = out[0, len(ids):].tolist()
-    new = new[:next((j for j, t in enumerate(new) if t in tokenizer.special_ids), len(new))]
-    text = tokenizer.decode(new)
+    text = engine.generate_replies(model, tokenizer, [ids], report_max_new_tokens, "cpu")[0].text
     return (text if chat else text.split("\n")[0]).strip()
 
 
 def side_by_side(cfg, state):
-    import world
     rows = report_prompts(n_report_prompts)
     table = []
     models = {}
     for stage in stages:
         path = os.path.join(out_dir, stage, "ckpt.pt")
         if stage != "reward" and stage in state["stages"] and os.path.exists(path):
-            models[stage] = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+            models[stage] = engine.model_from_checkpoint(common.load_checkpoint(path), "cpu")
     for row in rows:
         line = []
         for stage, (model, tok) in models.items():
@@ -280,7 +277,7 @@ def plot_curves(cfg, path):
     for ax in axes[len(done):]:
         ax.set_visible(False)
     fig.tight_layout()
-    trainer.write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    common.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 
@@ -330,9 +327,9 @@ def write_report(cfg, state, answers):
                     lines.append(f"- {s}: [{s}/{png}]({s}/{png})")
         lines.append("")
     path = os.path.join(out_dir, "report.md")
-    trainer.write_atomic(path, lambda f: f.write("\n".join(lines)), mode="w")
+    common.write_atomic(path, lambda f: f.write("\n".join(lines)), mode="w")
     return path
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

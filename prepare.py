@@ -50,7 +50,7 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
-import trainer
+import common
 import world
 from tokenizer import Tokenizer, check_messages
 
@@ -95,11 +95,11 @@ def save_npz(path, **arrays):
                 np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 z.writestr(info, buf.getvalue())
-    trainer.write_atomic(path, write)
+    common.write_atomic(path, write)
 
 
 def write_text(path, text):
-    trainer.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    common.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def token_dtype(vocab_size):
@@ -122,45 +122,97 @@ def load_ragged(npz_path, key):
     (pref_*.npz; offsets in 'prompt_offsets' ...)."""
     offsets_key = key[: -len("ids")] + "offsets" if key.endswith("_ids") else "offsets"
     if not os.path.exists(npz_path):
-        raise trainer.UserError(f"{npz_path} not found: prepare the data first (python prepare.py ...)")
+        raise common.UserError(f"{npz_path} not found: prepare the data first (python prepare.py ...)")
     with np.load(npz_path, allow_pickle=False) as z:
         if key not in z.files or offsets_key not in z.files:
-            raise trainer.UserError(f"{npz_path}: no arrays {key!r}/{offsets_key!r} (it has {', '.join(z.files)})")
+            raise common.UserError(f"{npz_path}: no arrays {key!r}/{offsets_key!r} (it has {', '.join(z.files)})")
         flat, offsets = z[key], z[offsets_key]
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(flat) \
             or np.any(np.diff(offsets) < 0):
-        raise trainer.UserError(f"{npz_path}: {offsets_key!r} does not index {key!r}; prepare the data again")
+        raise common.UserError(f"{npz_path}: {offsets_key!r} does not index {key!r}; prepare the data again")
     return [flat[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
 
 
 def load_pairs(dataset_dir, split="train"):
     """pref_<split>.npz as a list of (prompt ids, chosen ids, rejected ids, margin): the prompt rendered up to the
     assistant header, each reply encoded with its end-of-turn token, margin 0.0 unless the data set gave one."""
-    folder = dataset_dir if os.path.isdir(dataset_dir) else trainer.dataset_dir(dataset_dir)
+    folder = dataset_dir if os.path.isdir(dataset_dir) else common.dataset_dir(dataset_dir)
     path = os.path.join(folder, f"pref_{split}.npz")
     parts = [load_ragged(path, f"{part}_ids") for part in ("prompt", "chosen", "rejected")]
     if not len(parts[0]) == len(parts[1]) == len(parts[2]):
-        raise trainer.UserError(f"{path}: prompt, chosen and rejected counts differ; prepare the data again")
+        raise common.UserError(f"{path}: prompt, chosen and rejected counts differ; prepare the data again")
     with np.load(path, allow_pickle=False) as z:
         margins = z["margin"] if "margin" in z.files else np.zeros(len(parts[0]), dtype=np.float32)
     if len(margins) != len(parts[0]):
-        raise trainer.UserError(f"{path}: {len(margins)} margins for {len(parts[0])} pairs; prepare the data again")
+        raise common.UserError(f"{path}: {len(margins)} margins for {len(parts[0])} pairs; prepare the data again")
     return [(p, c, r, float(m)) for p, c, r, m in zip(*parts, margins)]
 
 
 def load_prompts(dataset_dir, split="val"):
     """prompts_<split>.jsonl with the rendered prompt of each: a list of {"messages", "answer", "task", "lang",
     "ids" (list[int], render_prompt(messages))}. dataset_dir is a folder (or a --dataset name)."""
-    folder = dataset_dir if os.path.isdir(dataset_dir) else trainer.dataset_dir(dataset_dir)
+    folder = dataset_dir if os.path.isdir(dataset_dir) else common.dataset_dir(dataset_dir)
     path = os.path.join(folder, f"prompts_{split}.jsonl")
     if not os.path.exists(path):
-        raise trainer.UserError(f"{path} not found: prepare prompts first (python prepare.py, or --kind=prompts)")
+        raise common.UserError(f"{path} not found: prepare prompts first (python prepare.py, or --kind=prompts)")
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     ids = load_ragged(os.path.join(folder, f"prompts_{split}.npz"), "ids")
     if len(ids) != len(rows):
-        raise trainer.UserError(f"{path}: {len(rows)} prompts but {len(ids)} in the .npz; prepare the data again")
+        raise common.UserError(f"{path}: {len(rows)} prompts but {len(ids)} in the .npz; prepare the data again")
     return [{**row, "ids": seq.tolist()} for row, seq in zip(rows, ids)]
+
+
+def load_tokenizer(dataset):
+    """The Tokenizer that prepare.py saved for a data set."""
+    path = common.data_file(dataset, "tokenizer.json")
+    try:
+        return Tokenizer.load(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise common.UserError(f"{path}: cannot load the tokenizer: {e}") from None
+
+
+def check_tokenizer_matches(ckpt, dataset):
+    """UserError unless the checkpoint was trained with the data set's tokenizer: the same ids must mean the
+    same text, or every later stage trains on garbage."""
+    path = common.data_file(dataset, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        theirs = f.read()
+    try:
+        same = json.loads(theirs) == json.loads(ckpt["tokenizer"])
+    except ValueError:
+        same = False
+    if not same:
+        try:
+            ours_n, theirs_n = Tokenizer.from_json(ckpt["tokenizer"]).vocab_size, Tokenizer.from_json(theirs).vocab_size
+            sizes = f" (vocab {ours_n} vs {theirs_n})"
+        except ValueError:
+            sizes = ""
+        raise common.UserError(f"the checkpoint's tokenizer differs from {path}{sizes}: it was trained on other data; "
+                        f"use the data set it was trained on, or prepare this one with its tokenizer")
+
+
+def token_file(dataset, split, vocab_size=None):
+    """(path, numpy dtype) of a pretraining split, <split>.bin: flat token ids of the dtype meta.json names (a data set
+    prepared before meta.json had it: token_dtype(vocab_size)). UserError naming the file when it is missing."""
+    path = common.data_file(dataset, f"{split}.bin")
+    meta = os.path.join(common.dataset_dir(dataset), "meta.json")
+    dtype = None
+    if os.path.exists(meta):
+        with open(meta, encoding="utf-8") as f:
+            dtype = json.load(f).get("dtype")
+    if dtype is None:
+        if vocab_size is None:
+            raise common.UserError(f"{meta}: no token dtype; prepare the data again")
+        dtype = token_dtype(vocab_size)
+    return path, np.dtype(dtype)
+
+
+def load_sft(dataset, split):
+    """sft_<split>.npz -> (path, [ids], [loss_mask]): each conversation rendered with the chat template, loss_mask 1
+    on the assistant's tokens (with the end of turn that closes each assistant turn)."""
+    path = common.data_file(dataset, f"sft_{split}.npz")
+    return path, load_ragged(path, "ids"), load_ragged(path, "loss_mask")
 
 
 # ---------------------------------------------------------------------------------------------- tokenized outputs
@@ -187,7 +239,7 @@ def write_pretrain(out, tok, train_docs, val_docs):
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                     n_tokens += len(ids)
                     bar.update(len(chunk))
-        trainer.write_atomic(os.path.join(out, f"{name}.bin"), write)
+        common.write_atomic(os.path.join(out, f"{name}.bin"), write)
         counts[f"{name}_tokens"] = n_tokens
     return counts
 
@@ -254,16 +306,16 @@ def get_tokenizer(cfg, texts):
         path = cfg["tokenizer"]
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(path):
-            raise trainer.UserError(f"--tokenizer={cfg['tokenizer']}: no such file")
+            raise common.UserError(f"--tokenizer={cfg['tokenizer']}: no such file")
         try:
             return Tokenizer.load(path)
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise trainer.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load it: {e}") from None
+            raise common.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load it: {e}") from None
     print(f"training a {cfg['vocab_size']}-token BPE tokenizer on up to {cfg['tokenizer_sample_mb']:g} MB of text")
     try:
         return Tokenizer.train(sample_texts(texts, cfg["tokenizer_sample_mb"]), vocab_size=cfg["vocab_size"])
     except ValueError as e:
-        raise trainer.UserError(f"--vocab_size={cfg['vocab_size']}: {e}") from None
+        raise common.UserError(f"--vocab_size={cfg['vocab_size']}: {e}") from None
 
 
 def check_output_dir(out, tok, kinds):
@@ -279,7 +331,7 @@ def check_output_dir(out, tok, kinds):
     others = [name for k in KINDS if k not in kinds for name in KIND_FILES[k]
               if os.path.exists(os.path.join(out, name))]
     if not same and others:
-        raise trainer.UserError(f"{out} already holds {', '.join(others)} made with another tokenizer: pass "
+        raise common.UserError(f"{out} already holds {', '.join(others)} made with another tokenizer: pass "
                                 f"--tokenizer={old_path} to add to it, or choose another --dataset")
     meta_path = os.path.join(out, "meta.json")
     if same and os.path.exists(meta_path):
@@ -303,7 +355,7 @@ def world_flaw_rates(cfg):
     rates = {name: cfg[f"flaw_{name}"] for name in world.FLAW_RATES}
     for name, rate in rates.items():
         if not 0 <= rate <= 1:
-            raise trainer.UserError(f"--flaw_{name}={rate}: a flaw rate is a share of demonstrations, in [0, 1]")
+            raise common.UserError(f"--flaw_{name}={rate}: a flaw rate is a share of demonstrations, in [0, 1]")
     return rates
 
 
@@ -340,7 +392,7 @@ def _lines(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise trainer.UserError(f"{path}, line {no}: not UTF-8 text (byte {raw[e.start]:#04x}); expected "
+                raise common.UserError(f"{path}, line {no}: not UTF-8 text (byte {raw[e.start]:#04x}); expected "
                                         f"UTF-8") from None
             if no == 1 and line.startswith(BOM):
                 line = line[1:]
@@ -351,10 +403,10 @@ def _json_object(text, place):
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise trainer.UserError(f"{place}: malformed JSON ({e.msg}, column {e.colno}); expected one JSON object "
+        raise common.UserError(f"{place}: malformed JSON ({e.msg}, column {e.colno}); expected one JSON object "
                                 f"per line") from None
     if not isinstance(row, dict):
-        raise trainer.UserError(f"{place}: expected a JSON object {{...}}, got {type(row).__name__}")
+        raise common.UserError(f"{place}: expected a JSON object {{...}}, got {type(row).__name__}")
     return row
 
 
@@ -366,7 +418,7 @@ def _jsonl_rows(path):
             n += 1
             yield f"{path}, line {no}", _json_object(text, f"{path}, line {no}")
     if not n:
-        raise trainer.UserError(f"{path}: empty file: expected one JSON object per line")
+        raise common.UserError(f"{path}: empty file: expected one JSON object per line")
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -405,7 +457,7 @@ def _json_rows(path):
     Lines under a .json name."""
     text = "".join(line for _, line in _lines(path))
     if not text.strip():
-        raise trainer.UserError(f"{path}: empty file: expected a JSON list of objects")
+        raise common.UserError(f"{path}: empty file: expected a JSON list of objects")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -417,22 +469,22 @@ def _json_rows(path):
         if is_lines:
             yield from _jsonl_rows(path)
             return
-        raise trainer.UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno}); expected "
+        raise common.UserError(f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno}); expected "
                                 f"a JSON list of objects") from None
     key = None
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
         if len(lists) != 1:
-            raise trainer.UserError(f"{path}: expected a JSON list of objects (or an object holding exactly one "
+            raise common.UserError(f"{path}: expected a JSON list of objects (or an object holding exactly one "
                                     f"such list), got an object with keys {sorted(doc)[:8]}")
         key = lists[0]
         doc = doc[key]
     if not isinstance(doc, list) or not doc:
-        raise trainer.UserError(f"{path}: expected a non-empty JSON list of objects")
+        raise common.UserError(f"{path}: expected a non-empty JSON list of objects")
     del doc  # the items are parsed again, one at a time, to learn their lines
     for no, row in _json_list_items(text, key):
         if not isinstance(row, dict):
-            raise trainer.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
+            raise common.UserError(f"{path}, line {no}: expected a JSON object {{...}}, got {type(row).__name__}")
         yield f"{path}, line {no}", row
 
 
@@ -459,7 +511,7 @@ def _txt_documents(path):
         n += 1
         yield f"{path}, line {start}", {"text": text}
     if not n:
-        raise trainer.UserError(f"{path}: empty file: expected text")
+        raise common.UserError(f"{path}: empty file: expected text")
 
 
 def _txt_prompts(path):
@@ -470,7 +522,7 @@ def _txt_prompts(path):
             n += 1
             yield f"{path}, line {no}", {"prompt": line.rstrip("\r\n")}
     if not n:
-        raise trainer.UserError(f"{path}: empty file: expected one prompt a line")
+        raise common.UserError(f"{path}: empty file: expected one prompt a line")
 
 
 def _parquet_rows(path):
@@ -481,9 +533,9 @@ def _parquet_rows(path):
         f = pq.ParquetFile(path)
         meta = f.metadata
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise trainer.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise common.UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     if meta.num_rows == 0:
-        raise trainer.UserError(f"{path}: empty file: expected rows")
+        raise common.UserError(f"{path}: empty file: expected rows")
     i = 0
     with f:
         for g in range(meta.num_row_groups):
@@ -494,7 +546,7 @@ def _parquet_rows(path):
                     batch = next(batches, None)
                     rows = [] if batch is None else batch.to_pylist()
                 except Exception as e:  # a damaged page: pyarrow's OSError/ArrowInvalid, bytes that are not UTF-8
-                    raise trainer.UserError(f"{path}, rows {i + 1}-{group_end}: cannot read them "
+                    raise common.UserError(f"{path}, rows {i + 1}-{group_end}: cannot read them "
                                             f"({_first_line(e)})") from None
                 if batch is None:
                     break
@@ -513,7 +565,7 @@ def _hub_rows(rows, source, split):
         except StopIteration:
             return
         except Exception as e:
-            raise trainer.UserError(f"--source={source} ({split}), row {i + 1}: cannot read it ({_first_line(e)})") \
+            raise common.UserError(f"--source={source} ({split}), row {i + 1}: cannot read it ({_first_line(e)})") \
                 from None
         i += 1
         yield f"{source} ({split}), row {i}", row
@@ -525,20 +577,20 @@ def open_rows(source, split, subset, kind_arg=""):
     are asked for: stop iterating, and the reading stops."""
     if os.path.exists(source):
         if os.path.isdir(source):
-            raise trainer.UserError(f"--source={source} is a folder: pass one .txt, .jsonl, .json or .parquet file")
+            raise common.UserError(f"--source={source} is a folder: pass one .txt, .jsonl, .json or .parquet file")
         suffix = os.path.splitext(source)[1].lower()
         if suffix not in LOCAL_SUFFIXES:
-            raise trainer.UserError(f"--source={source}: unsupported file type {suffix or '(none)'}; expected "
+            raise common.UserError(f"--source={source}: unsupported file type {suffix or '(none)'}; expected "
                                     f".txt, .jsonl, .json or .parquet")
         if suffix == ".txt" and kind_arg not in ("", "pretrain", "prompts"):
-            raise trainer.UserError(f"--source={source}: a .txt file is pretraining text or prompts, not {kind_arg}")
+            raise common.UserError(f"--source={source}: a .txt file is pretraining text or prompts, not {kind_arg}")
         if suffix == ".txt":
             return _txt_prompts(source) if kind_arg == "prompts" else _txt_documents(source)
         return {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[suffix](source)
     looks_local = (source.startswith((".", "/", "~")) or source.count("/") > 1
                    or os.path.splitext(source)[1].lower() in (*LOCAL_SUFFIXES, ".csv", ".tsv", ".gz", ".zst", ".arrow"))
     if looks_local:  # a hub name is NAME or OWNER/NAME
-        raise trainer.UserError(f"--source={source}: no such file")
+        raise common.UserError(f"--source={source}: no such file")
     import datasets  # slow to import; only hub data sets need it
     # the hub client logs each retry as a warning; the one error line below says what finally went wrong
     import huggingface_hub
@@ -547,7 +599,7 @@ def open_rows(source, split, subset, kind_arg=""):
     try:
         rows = datasets.load_dataset(source, subset or None, split=split, streaming=True)
     except Exception as e:  # not found, no network, a wrong split or config: the library's message says which
-        raise trainer.UserError(f"--source={source}: cannot load it from the Hugging Face hub ({_first_line(e)})") \
+        raise common.UserError(f"--source={source}: cannot load it from the Hugging Face hub ({_first_line(e)})") \
             from None
     return _hub_rows(rows, source, split)
 
@@ -612,7 +664,7 @@ def guess_kind(row, where):
     field) from the fields it names."""
     kind_ = _guess(row, lambda *f: _has(row, *f)) or _guess(row, lambda *f: all(k in row for k in f))
     if kind_ is None:
-        raise trainer.UserError(f"{where}: cannot tell the kind of data from the fields {_fields(row)}; expected "
+        raise common.UserError(f"{where}: cannot tell the kind of data from the fields {_fields(row)}; expected "
                                 "one of: " + "; ".join(f"{k}: {v}" for k, v in SCHEMAS.items()) + " (or pass --kind=)")
     return kind_
 
@@ -624,7 +676,7 @@ def _str_field(row, field, where):
     if v is None:
         raise SkipRow(NO_TEXT)
     if not isinstance(v, str):
-        raise trainer.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+        raise common.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
     if not v.strip():
         raise SkipRow(NO_TEXT)
     return v
@@ -636,7 +688,7 @@ def _optional_str(row, field, where):
     if v is None:
         return None
     if not isinstance(v, str):
-        raise trainer.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
+        raise common.UserError(f"{where}: field '{field}' must be a string, got {type(v).__name__}")
     return v if v.strip() else None
 
 
@@ -644,7 +696,7 @@ def parse_dialogue(text, where):
     """'\n\nHuman: hi\n\nAssistant: hello' -> messages (Anthropic hh-rlhf form)."""
     parts = DIALOGUE_TURN.split("\n\n" + text.lstrip("\n"))
     if len(parts) < 3 or parts[0].strip():
-        raise trainer.UserError(f"{where}: expected a dialogue of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns")
+        raise common.UserError(f"{where}: expected a dialogue of '\\n\\nHuman: ...' / '\\n\\nAssistant: ...' turns")
     messages = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
                 for role, content in zip(parts[1::2], parts[2::2])]
     if len(messages) > 1 and messages[-1] == {"role": "assistant", "content": ""}:
@@ -662,7 +714,7 @@ def _checked(messages, where):
     try:
         check_messages(messages)
     except ValueError as e:
-        raise trainer.UserError(f"{where}: {e}") from None
+        raise common.UserError(f"{where}: {e}") from None
     return messages
 
 
@@ -674,15 +726,15 @@ def to_messages(row, where):
         field = "messages" if _has(row, "messages") else "conversations"
         turns = row[field]
         if not isinstance(turns, list) or not turns:
-            raise trainer.UserError(f"{where}: field '{field}' must be a non-empty list of turns")
+            raise common.UserError(f"{where}: field '{field}' must be a non-empty list of turns")
         role_key, text_key = ("role", "content") if field == "messages" else ("from", "value")
         messages = []
         for i, t in enumerate(turns):
             if not isinstance(t, dict) or t.get(role_key) is None or text_key not in t:
-                raise trainer.UserError(f"{where}: {field}[{i}] must have '{role_key}' and '{text_key}'")
+                raise common.UserError(f"{where}: {field}[{i}] must have '{role_key}' and '{text_key}'")
             role = ROLE_NAMES.get(str(t[role_key]).lower())
             if role is None:
-                raise trainer.UserError(f"{where}: {field}[{i}]: unknown {role_key} {t[role_key]!r}; expected one "
+                raise common.UserError(f"{where}: {field}[{i}]: unknown {role_key} {t[role_key]!r}; expected one "
                                         f"of {', '.join(ROLE_NAMES)}")
             if role == "system":  # optional: a null or empty system turn is no system turn
                 text = _optional_str(t, text_key, f"{where}: {field}[{i}]")
@@ -721,7 +773,7 @@ def to_sft(row, where):
     if messages is None or not any(m["role"] == "assistant" for m in messages):
         if messages is not None and _pick(row, REPLY_FIELDS):  # the reply is named, but null or empty
             raise SkipRow(NO_TEXT)
-        raise trainer.UserError(f"{where}: expected SFT fields {SCHEMAS['sft']} with an assistant reply; the row "
+        raise common.UserError(f"{where}: expected SFT fields {SCHEMAS['sft']} with an assistant reply; the row "
                                 f"has {_fields(row)}")
     return {"messages": messages}
 
@@ -733,14 +785,14 @@ def _reply_text(v, field, where):
         return _str_field(v[-1], "content", f"{where}: field '{field}'")
     if v is None or isinstance(v, str):
         return _str_field({field: v}, field, where)
-    raise trainer.UserError(f"{where}: field '{field}' must be a string (or a list of messages)")
+    raise common.UserError(f"{where}: field '{field}' must be a string (or a list of messages)")
 
 
 def _pref_parts(row, where):
     """(prompt messages, chosen reply, rejected reply) of a preference row."""
     chosen_field = _pick(row, ("chosen", "selected"))
     if chosen_field is None or "rejected" not in row:
-        raise trainer.UserError(f"{where}: expected preference fields {SCHEMAS['pref']}; the row has {_fields(row)}")
+        raise common.UserError(f"{where}: expected preference fields {SCHEMAS['pref']}; the row has {_fields(row)}")
     chosen_v, rejected_v = row[chosen_field], row["rejected"]
     if "prompt" in row:
         p = row["prompt"]
@@ -758,10 +810,10 @@ def _pref_parts(row, where):
     else:  # hh-rlhf: two dialogues that share everything up to the last "\n\nAssistant:"
         a, b = _str_field(row, chosen_field, where), _str_field(row, "rejected", where)
         marker = "\n\nAssistant:"
-        common = len(os.path.commonprefix([a, b]))
-        cut = a[:common].rfind(marker)
+        shared = len(os.path.commonprefix([a, b]))
+        cut = a[:shared].rfind(marker)
         if cut < 0:
-            raise trainer.UserError(f"{where}: '{chosen_field}' and 'rejected' share no dialogue ending in "
+            raise common.UserError(f"{where}: '{chosen_field}' and 'rejected' share no dialogue ending in "
                                     f"'\\n\\nAssistant:'; expected hh-rlhf style dialogues or a 'prompt' field")
         messages = parse_dialogue(a[:cut], where)
         # a reply ends where the next human turn begins (when the dialogues differ before their last turn)
@@ -770,7 +822,7 @@ def _pref_parts(row, where):
         if not chosen or not rejected:
             raise SkipRow(NO_TEXT)
     if not messages or messages[-1]["role"] != "user":
-        raise trainer.UserError(f"{where}: the prompt must end with a user turn")
+        raise common.UserError(f"{where}: the prompt must end with a user turn")
     return messages, chosen, rejected
 
 
@@ -783,7 +835,7 @@ def to_pref(row, where):
         try:
             pair["margin"] = float(row["margin"])
         except (TypeError, ValueError):
-            raise trainer.UserError(f"{where}: field 'margin' must be a number, got {row['margin']!r}") from None
+            raise common.UserError(f"{where}: field 'margin' must be a number, got {row['margin']!r}") from None
     return pair
 
 
@@ -796,14 +848,14 @@ def to_prompt(row, where):
     if messages is None and "rejected" in row:  # a preference pair's prompt (hh-rlhf dialogues)
         messages = _pref_parts(row, where)[0]
     if messages is None:
-        raise trainer.UserError(f"{where}: expected prompt fields {SCHEMAS['prompts']}; the row has {_fields(row)}")
+        raise common.UserError(f"{where}: expected prompt fields {SCHEMAS['prompts']}; the row has {_fields(row)}")
     while messages and messages[-1]["role"] == "assistant":  # an SFT row: its prompt is what precedes the reply
         messages = messages[:-1]
     if not messages or messages[-1]["role"] != "user":
-        raise trainer.UserError(f"{where}: no user turn to use as a prompt")
+        raise common.UserError(f"{where}: no user turn to use as a prompt")
     answer = row.get("answer")
     if isinstance(answer, (dict, list)):
-        raise trainer.UserError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+        raise common.UserError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
     if isinstance(answer, bool):  # as it was written in a JSON file
         answer = "true" if answer else "false"
     return {"messages": messages, "answer": None if answer is None else str(answer),
@@ -812,7 +864,7 @@ def to_prompt(row, where):
 
 def to_pretrain(row, where):
     if "text" not in row:
-        raise trainer.UserError(f"{where}: expected the pretraining field {SCHEMAS['pretrain']}; the row has "
+        raise common.UserError(f"{where}: expected the pretraining field {SCHEMAS['pretrain']}; the row has "
                                 f"{_fields(row)}")
     return _str_field(row, "text", where)
 
@@ -826,7 +878,7 @@ def read_records(cfg):
     limit = cfg["max_rows"]
     kind_ = cfg["kind"]
     if kind_ and kind_ not in KINDS:
-        raise trainer.UserError(f"--kind={kind_}: expected one of {', '.join(KINDS)}")
+        raise common.UserError(f"--kind={kind_}: expected one of {', '.join(KINDS)}")
     rows = open_rows(cfg["source"], cfg["split"], cfg["subset"], kind_)
     records, skipped = [], {}
     with _bar(limit or None, f"reading {cfg['source']}") as bar:
@@ -840,7 +892,7 @@ def read_records(cfg):
                 skipped[str(e)] = skipped.get(str(e), 0) + 1
             bar.update(1)
     if not records:
-        raise trainer.UserError(f"--source={cfg['source']}: no usable rows (expected {SCHEMAS[kind_ or 'pretrain']}"
+        raise common.UserError(f"--source={cfg['source']}: no usable rows (expected {SCHEMAS[kind_ or 'pretrain']}"
                                 f"{'; skipped: ' + _skip_summary(skipped) if skipped else ''})")
     return kind_, records, skipped
 
@@ -857,7 +909,7 @@ def split_val(n, fraction, seed):
 
 def prepare_real(cfg, out):
     if not 0 < cfg["val_fraction"] < 1:
-        raise trainer.UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+        raise common.UserError(f"--val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     kind_, records, skipped = read_records(cfg)
     if skipped:
         print(f"skipped {sum(skipped.values())} rows: {_skip_summary(skipped)}")
@@ -870,7 +922,7 @@ def prepare_real(cfg, out):
     tok = get_tokenizer(cfg, texts)
     meta = check_output_dir(out, tok, (kind_,))
     if len(records) < 2 and kind_ != "pretrain":
-        raise trainer.UserError(f"--source={cfg['source']}: only {len(records)} usable row; need 2 or more to hold "
+        raise common.UserError(f"--source={cfg['source']}: only {len(records)} usable row; need 2 or more to hold "
                                 f"out a val split")
     val_idx = set(split_val(len(records), cfg["val_fraction"], cfg["seed"])) if len(records) > 1 else set()
     train = [r for i, r in enumerate(records) if i not in val_idx]
@@ -895,8 +947,8 @@ def prepare_real(cfg, out):
 
 def main(argv=None):
     # a copy of the settings, so that calling main() twice (the tests do) starts from the defaults each time
-    cfg = trainer.configure(dict(globals()), argv)
-    out = trainer.dataset_dir(cfg["dataset"])
+    cfg = common.configure(dict(globals()), argv)
+    out = common.dataset_dir(cfg["dataset"])
     meta = prepare_world(cfg, out) if not cfg["source"] else prepare_real(cfg, out)
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in sorted(os.listdir(out))
              if not name.endswith(".tmp")}
@@ -906,4 +958,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

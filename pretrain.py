@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+import prepare
 import trainer
 from model import GPT, ModelConfig
 
@@ -43,7 +44,7 @@ max_iters = 1000
 batch_size = 16                # sequences per micro-batch, per process
 grad_accum = 1                 # micro-batches per optimizer step, over all processes
 learning_rate = 2e-3
-min_lr = 2e-4                  # the cosine schedule ends here
+min_lr = 2e-4                  # the cosine schedule ends here (0 = learning_rate / 10)
 warmup_iters = 30
 lr_decay_iters = 0             # 0 = max_iters
 weight_decay = 0.1
@@ -67,11 +68,9 @@ seed = 1337
 def main():
     cfg = trainer.configure(globals())
     rt = trainer.setup(device, dtype, seed, compile)
-    tokenizer = trainer.load_tokenizer(dataset)
-    with open(trainer.data_file(dataset, "meta.json"), encoding="utf-8") as f:
-        token_dtype = np.dtype(json.load(f)["dtype"])
-    paths = {split: trainer.data_file(dataset, f"{split}.bin") for split in ("train", "val")}
-    for split, path in paths.items():
+    tokenizer = prepare.load_tokenizer(dataset)
+    files = {split: prepare.token_file(dataset, split) for split in ("train", "val")}  # (path, dtype)
+    for path, token_dtype in files.values():
         n_tokens = os.path.getsize(path) // token_dtype.itemsize
         if n_tokens <= block_size:
             raise trainer.UserError(f"{path} has {n_tokens} tokens, fewer than --block_size={block_size} + 1")
@@ -82,7 +81,7 @@ def main():
     if start is None and init_from != "scratch":
         start = trainer.load_checkpoint(init_from, stages=("pretrain",))
     if start is not None:
-        trainer.check_tokenizer_matches(start, dataset)
+        prepare.check_tokenizer_matches(start, dataset)
         model_config = ModelConfig.from_dict(start["model_config"])
         if block_size > model_config.block_size:
             raise trainer.UserError(f"--block_size={block_size} exceeds the checkpoint's context of "
@@ -110,7 +109,7 @@ def main():
         # torchrun run see exactly the batches of one uninterrupted process. Val windows do not depend on the seed,
         # so val losses compare across runs. The memmap is reopened per batch: numpy's memmap keeps every page it
         # has touched, and one kept open over a large corpus grows without end.
-        data = np.memmap(paths[split], dtype=token_dtype, mode="r")
+        data = np.memmap(files[split][0], dtype=files[split][1], mode="r")
         rng = np.random.default_rng([1, k] if split == "val" else [0, seed, k])
         ix = rng.integers(0, len(data) - block_size, size=batch_size)
         x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))

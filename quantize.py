@@ -24,6 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+import prepare
+from common import UserError
+from model import GPT, ModelConfig
+
 # -----------------------------------------------------------------------------
 # The NF4 code: the published NormalFloat4 table. 8 positive and 7 negative quantiles of N(0, 1), normalised to
 # [-1, 1], plus an exact zero (so zero padding and zero weights stay exactly zero). nf4_code_from_quantiles()
@@ -76,16 +81,9 @@ def _safe(scale):
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _user_error(msg):
-    # trainer.UserError is the project's "bad input" error (printed as one line by trainer.cli); imported only when
-    # needed so that the numerics here work without the plumbing module
-    from trainer import UserError
-    return UserError(msg)
-
-
 def _check_finite(w):
     if not torch.isfinite(w).all():
-        raise _user_error("quantize: the weight contains NaN or inf; the checkpoint is broken, nothing to quantize")
+        raise UserError("quantize: the weight contains NaN or inf; the checkpoint is broken, nothing to quantize")
 
 
 def quantize_nf4(w, block_size=NF4_BLOCK_SIZE):
@@ -317,13 +315,13 @@ def quantize_model(model, mode="nf4", skip=DEFAULT_SKIP, block_size=NF4_BLOCK_SI
     (mode 'int8'), in place. Embeddings are never touched. Returns the `quantization` entry of a checkpoint:
     {"mode", "block_size", "double_quant", "skip", "modules": [replaced module names]}."""
     if mode not in ("nf4", "int8"):
-        raise _user_error(f"quantize: mode must be 'nf4' or 'int8', got {mode!r}")
+        raise UserError(f"quantize: mode must be 'nf4' or 'int8', got {mode!r}")
     if any(".lora_A" in n or n.startswith("lora_A") for n, _ in model.named_parameters()):
-        raise _user_error("quantize: the model already has LoRA adapters; quantize the base first, then add LoRA")
+        raise UserError("quantize: the model already has LoRA adapters; quantize the base first, then add LoRA")
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
     tied = [n for n in names if _head_is_tied(model, n)]
     if tied:
-        raise _user_error(f"quantize: {tied[0]} shares its weight with another layer (tied embeddings); "
+        raise UserError(f"quantize: {tied[0]} shares its weight with another layer (tied embeddings); "
                         f"keep it in full precision (leave it in skip)")
     if mode == "nf4":
         _replace_linears(model, names, lambda lin: Linear4bit.from_linear(lin, block_size, double_quant))
@@ -345,12 +343,11 @@ def _empty_quant_linear(lin, q):
 def load_quantized_model(ckpt, device):
     """Rebuild a GPT from a quantized checkpoint dict (as written by this file's CLI): build the float model, swap the
     recorded linears for empty quantized shells of the same shape, then load the packed state dict."""
-    from model import GPT, ModelConfig
     q = ckpt.get("quantization")
     if not isinstance(q, dict) or q.get("mode") not in ("nf4", "int8") or not isinstance(q.get("modules"), list):
-        raise _user_error("checkpoint: 'quantization' must be a dict with mode 'nf4' or 'int8' and a 'modules' list")
+        raise UserError("checkpoint: 'quantization' must be a dict with mode 'nf4' or 'int8' and a 'modules' list")
     if q["mode"] == "nf4" and not ("block_size" in q and "double_quant" in q):
-        raise _user_error("checkpoint: an nf4 'quantization' entry needs 'block_size' and 'double_quant'")
+        raise UserError("checkpoint: an nf4 'quantization' entry needs 'block_size' and 'double_quant'")
     model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
     for name in q["modules"]:
         try:
@@ -358,12 +355,12 @@ def load_quantized_model(ckpt, device):
         except AttributeError:
             ok = False
         if not ok:
-            raise _user_error(f"checkpoint: quantized module {name!r} is not a linear layer of this model")
+            raise UserError(f"checkpoint: quantized module {name!r} is not a linear layer of this model")
     _replace_linears(model, q["modules"], lambda lin: _empty_quant_linear(lin, q))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise _user_error(f"checkpoint: the quantized weights do not fit the model: {str(e).splitlines()[0]}") from None
+        raise UserError(f"checkpoint: the quantized weights do not fit the model: {str(e).splitlines()[0]}") from None
     return model.to(device)
 
 
@@ -396,22 +393,14 @@ def bits_per_weight(model):
 
 def _val_tokens(ckpt):
     """The checkpoint's data set's val.bin as a memmap, or None when it (or the data set name) is not there."""
-    from trainer import dataset_dir
     dataset = (ckpt.get("train_config") or {}).get("dataset")
     if not isinstance(dataset, str) or not dataset:
         return None, None
-    folder = dataset_dir(dataset)
-    path = os.path.join(folder, "val.bin")
-    if not os.path.exists(path):
-        return None, path
-    dtype = None
-    meta = os.path.join(folder, "meta.json")
-    if os.path.exists(meta):
-        with open(meta, encoding="utf-8") as f:
-            dtype = json.load(f).get("dtype")
-    if dtype is None:  # prepare.py's rule
-        dtype = "uint16" if ckpt["model_config"]["vocab_size"] <= 65535 else "uint32"
-    return np.memmap(path, dtype=np.dtype(dtype), mode="r"), path
+    try:
+        path, dtype = prepare.token_file(dataset, "val", ckpt["model_config"]["vocab_size"])
+    except UserError:
+        return None, os.path.join(common.dataset_dir(dataset), "val.bin")
+    return np.memmap(path, dtype=dtype, mode="r"), path
 
 
 @torch.no_grad()
@@ -443,26 +432,25 @@ seed = 1337
 
 
 def main():
-    import trainer
-    cfg = trainer.configure(globals())
+    cfg = common.configure(globals())
     if cfg["mode"] not in ("nf4", "int8"):
-        raise trainer.UserError(f"--mode must be nf4 or int8, got {cfg['mode']!r}")
+        raise UserError(f"--mode must be nf4 or int8, got {cfg['mode']!r}")
     if cfg["nf4_block"] <= 0 or cfg["nf4_block"] % 2:
-        raise trainer.UserError(f"--nf4_block must be a positive even number, got {cfg['nf4_block']}")
+        raise UserError(f"--nf4_block must be a positive even number, got {cfg['nf4_block']}")
     if cfg["eval_iters"] < 0 or cfg["eval_batch_size"] < 1:
-        raise trainer.UserError("--eval_iters must be >= 0 and --eval_batch_size >= 1")
+        raise UserError("--eval_iters must be >= 0 and --eval_batch_size >= 1")
     path = cfg["ckpt"]
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    src = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
+    src = common.load_checkpoint(path, stages=common.POLICY_STAGES)
     if "quantization" in src:
-        raise trainer.UserError(f"{path}: already quantized ({src['quantization'].get('mode')}); "
+        raise UserError(f"{path}: already quantized ({src['quantization'].get('mode')}); "
                                 f"quantize the full-precision checkpoint instead")
     out_path = cfg["out"] or os.path.join(os.path.dirname(os.path.abspath(path)), f"ckpt_{cfg['mode']}.pt")
     if os.path.abspath(out_path) == os.path.abspath(path):
-        raise trainer.UserError(f"--out={out_path} would overwrite the checkpoint being quantized")
-    rt = trainer.setup(device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"], compile=False)
-    model, _ = trainer.model_from_checkpoint(src, rt.device)
+        raise UserError(f"--out={out_path} would overwrite the checkpoint being quantized")
+    rt = common.setup(device=cfg["device"], dtype=cfg["dtype"], seed=cfg["seed"], compile=False)
+    model = GPT.from_checkpoint(src).to(rt.device).eval()
     bytes_before = state_dict_nbytes(model.state_dict())
 
     tokens, val_path = _val_tokens(src) if cfg["eval_iters"] else (None, None)
@@ -492,7 +480,7 @@ def main():
     out_ckpt = {"model_config": src["model_config"], "model": sd, "tokenizer": src["tokenizer"],
                 "stage": src["stage"], "train_config": src.get("train_config", {}),
                 "metrics": src.get("metrics", {}), "quantization": info}
-    trainer.save_checkpoint(out_path, out_ckpt)
+    common.save_checkpoint(out_path, out_ckpt)
     file_before, file_after = os.path.getsize(path), os.path.getsize(out_path)
     summary.update(file_bytes_before=file_before, file_bytes_after=file_after)
 
@@ -513,5 +501,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import trainer
-    trainer.cli(main)
+    common.cli(main)

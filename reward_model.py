@@ -13,7 +13,7 @@ sequence's length, never from token ids: padding and end-of-turn may share one).
 
 Metrics on held-out pairs: pair_accuracy (share ranked right) and reward_margin (mean r_chosen - r_rejected).
 Writes ckpt.pt (stage 'reward': the trunk in `model`, the head in `score_head`), best.pt, metrics.jsonl, loss.png.
-`load` and `score` below are what ppo.py uses to score its rollouts.
+rl.load_reward_model and rl.reward_scores are what ppo.py scores its rollouts with.
 """
 import json
 
@@ -41,7 +41,7 @@ max_iters = 300
 batch_size = 32                # pairs per micro-batch, per process
 grad_accum = 1
 learning_rate = 5e-4
-min_lr = 5e-5
+min_lr = 5e-5                  # 0 = learning_rate / 10
 warmup_iters = 20
 lr_decay_iters = 0
 weight_decay = 0.0
@@ -65,30 +65,6 @@ def pairwise_loss(r_chosen, r_rejected, margin, center_coef=0.0):
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
-
-
-def load(path, device):
-    """A reward checkpoint -> (ScoreModel on `device` in eval mode, tokenizer)."""
-    ckpt = trainer.load_checkpoint(path, stages=("reward",))
-    gpt, tokenizer = trainer.model_from_checkpoint(ckpt, "cpu")
-    rm = ScoreModel(gpt.config)
-    rm.gpt = gpt
-    if "score_head" not in ckpt:
-        raise trainer.UserError(f"{path}: a reward checkpoint without its score_head")
-    rm.head.load_state_dict(ckpt["score_head"])
-    return rm.to(device).eval(), tokenizer
-
-
-@torch.no_grad()
-def score(rm, prompts, responses, pad_id, device, autocast=None):
-    """Scores of (prompt ids, response ids) pairs: lists of token-id lists; each response should end with its
-    end-of-turn token, as in training. Returns a (B,) float32 tensor on `device`. A pair longer than the context
-    keeps its end (the reply is what is scored)."""
-    seqs = [(list(p) + list(r))[-rm.config.block_size:] for p, r in zip(prompts, responses)]
-    idx = trainer.pad_right(seqs, pad_id).to(device)
-    lengths = torch.tensor([len(s) for s in seqs], device=device)
-    with autocast or torch.autocast(idx.device.type, enabled=False):
-        return rm.score(idx, lengths).float()
 
 
 def main():
@@ -131,8 +107,7 @@ def main():
         idx, lengths, loss_mask, margin = batch
         B = len(margin)
         # one forward over chosen and rejected rows: the scalar at every position (and the LM logits if needed)
-        out = model_(idx, return_logits=bool(lm_coef))
-        values, logits = out if lm_coef else (out, None)                              # (2B, T), (2B, T, V)
+        values, logits, aux_loss = model_(idx, return_logits=bool(lm_coef))           # (2B, T), (2B, T, V)
         rewards = values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
         r_chosen, r_rejected = rewards[:B], rewards[B:]
         diff = r_chosen - r_rejected
@@ -141,7 +116,7 @@ def main():
             logps = trainer.token_logps(logits[:B, :-1], idx[:B, 1:])
             m = loss_mask[:B, 1:].float()
             loss = loss - lm_coef * (logps * m).sum() / m.sum().clamp(min=1)
-        loss = loss + model.gpt.aux_loss  # MoE balancing (0 for a dense model or in eval mode)
+        loss = loss + aux_loss  # MoE balancing (0 for a dense model or in eval mode)
         return loss, {"pair_accuracy": (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean(),
                       "reward_margin": diff.mean(), "reward_chosen": r_chosen.mean(),
                       "reward_rejected": r_rejected.mean()}

@@ -66,13 +66,11 @@ def main():
     rt = trainer.setup(device, dtype, seed, compile)
     model, tokenizer, _, resume_from, trainable = trainer.init_finetune(cfg, "sft", ("pretrain", "sft", "dpo", "ppo"))
     cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
-    cfg["min_lr"] = min_lr or cfg["learning_rate"] / 10
 
     # the conversations, cut to the context once here
     data = {}
     for split in ("train", "val"):
-        path = trainer.data_file(dataset, f"sft_{split}.npz")
-        ids, masks = prepare.load_ragged(path, "ids"), prepare.load_ragged(path, "loss_mask")
+        path, ids, masks = prepare.load_sft(dataset, split)
         if not ids:
             raise trainer.UserError(f"{path}: no conversations")
         fitted = [trainer.fit_sequence(i, m, cfg["block_size"] + 1) for i, m in zip(ids, masks)]

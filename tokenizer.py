@@ -22,6 +22,8 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from common import write_atomic
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
 
@@ -84,7 +86,6 @@ class Tokenizer:
             return cls.from_json(f.read())
 
     def save(self, path):
-        from trainer import write_atomic  # imported here: loading a tokenizer alone needs no torch
         write_atomic(path, lambda f: f.write(self.to_json()), mode="w")  # a crash never leaves half a file
 
     # ---------------------------------------------------------------- plain text

@@ -1,6 +1,8 @@
 """
-The plumbing every stage imports: config overrides, device and precision, DDP, optimizer and LR schedule, the
-training loop, evaluation scheduling, atomic checkpoints with exact resume, logging, progress bar, loss plot.
+The training plumbing every stage imports: batching, the one training loop with its run state (checkpoints, best,
+Ctrl-C, exact resume with optimizer, grad scaler and RNG), optimizer and LR schedule, metrics log and plots, and
+evaluation (exact match on held-out checkable prompts, the reward model's scores). What every module needs (errors,
+the command line, device, checkpoint files) is in common.py and is reached through this module as well.
 
 A stage script stays "config constants, data, loss, call the loop":
 
@@ -21,22 +23,18 @@ A stage script stays "config constants, data, loss, call the loop":
     if __name__ == '__main__':
         trainer.cli(main)
 
-A stage with its own outer loop (PPO) uses the pieces directly: make_optimizer, lr_at, MetricsLog, GracefulStop,
-rng_state/set_rng_state, save_checkpoint, check_finite.
+A stage whose step is not "micro-batches, one optimizer step" (PPO: rollouts, then several updates) passes
+train(step_fn=...) and keeps everything else of the loop.
 """
-import ast
-import atexit
 import functools
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,247 +43,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-STAGES = ("pretrain", "sft", "dpo", "reward", "ppo")
-POLICY_STAGES = ("pretrain", "sft", "dpo", "ppo")  # checkpoints with a language-model head to generate with
-
-
-class UserError(Exception):
-    """Bad input or config. cli() prints it as one line, `error: ...`, and exits with status 2."""
-
-
-def cli(main):
-    """Run a stage's main(): a UserError becomes `error: <message>` on stderr and exit status 2, without a
-    traceback; Ctrl-C outside the training loop (which saves and exits on its own) becomes exit status 130."""
-    try:
-        main()
-    except UserError as e:
-        msg = " ".join(str(e).split("\n"))  # exactly one line, whatever the message
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# config
-
-CONFIG_TYPES = (bool, int, float, str, tuple)
-
-
-def config_keys(globals_dict):
-    """A stage's settings: its lowercase module constants of a plain type. ALL_CAPS names are fixed constants,
-    _private names are not settings."""
-    return [k for k, v in globals_dict.items()
-            if not k.startswith("_") and not k.isupper() and type(v) in CONFIG_TYPES]
-
-
-def _coerce(key, value, default, where):
-    want = type(default)
-    if want is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif want is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif want is float:  # an int is fine where a float is expected (--learning_rate=1)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif want is str:
-        if isinstance(value, str):
-            return value
-    elif want is tuple:
-        if isinstance(value, (tuple, list)):
-            return tuple(value)
-    kind = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple"}[want]
-    raise UserError(f"{where}: {key} must be {kind} like its default {default!r}, got {value!r}")
-
-
-def _parse_value(text, default):
-    # Python literals (3, 1e-3, True, (0.9, 0.95), 'quoted'); anything else is a plain string, so that
-    # --dataset=data/mine and --init_from=scratch need no quotes. A str setting keeps the text as typed
-    # (--prompt=123 is the string '123').
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
-    if isinstance(default, str) and not isinstance(value, str):
-        return text
-    return value
-
-
-def _read_preset(path):
-    if not os.path.isfile(path):
-        alt = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", path)
-        alt = alt if os.path.isfile(alt) else alt + ".py"
-        if not os.path.isfile(alt):
-            raise UserError(f"{path}: no such config file (arguments are config/PRESET.py files or --key=value)")
-        path = alt
-    try:
-        with open(path, encoding="utf-8") as f:
-            src = f.read()
-        ns = {}
-        exec(compile(src, path, "exec"), ns)
-    except SyntaxError as e:
-        raise UserError(f"{path}, line {e.lineno}: {e.msg}") from None
-    except Exception as e:  # a preset is plain assignments; anything else going wrong is the file's fault
-        raise UserError(f"{path}: {type(e).__name__}: {e}") from None
-    values = {k: v for k, v in ns.items() if not k.startswith("_") and type(v).__name__ != "module"}
-    return path, values
-
-
-def configure(globals_dict, argv=None):
-    """Apply `config/PRESET.py` files and `--key=value` overrides (in the order given; later wins) to a stage's
-    settings, in place in `globals_dict`, and return the settings as a dict.
-
-    Settings are the stage's lowercase module constants of type bool/int/float/str/tuple. Values are Python
-    literals (ast.literal_eval); text that is not a literal is a string. Each value is checked against the
-    default's type: an int is accepted for a float, True/False (or true/false) for a bool, `--flag` alone means
-    True for a bool. An unknown key, a wrong type or a missing file is a UserError naming it. `--help` prints the
-    script's docstring and its settings and exits."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    script = os.path.basename(globals_dict.get("__file__") or "this script")
-    keys = config_keys(globals_dict)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            lines = [(globals_dict.get("__doc__") or "").strip(), "", "settings (--key=value):"]
-            lines += [f"  --{k}={globals_dict[k]!r}" for k in keys]
-            try:
-                print("\n".join(lines))
-            except BrokenPipeError:  # `--help | head`
-                pass
-            sys.exit(0)
-        if not arg.startswith("--"):
-            path, values = _read_preset(arg)
-            for k, v in values.items():
-                if k not in keys:
-                    raise UserError(f"{path}: unknown key {k!r}: {script} has no setting {k!r}")
-                globals_dict[k] = _coerce(k, v, globals_dict[k], path)
-            continue
-        key, eq, text = arg[2:].partition("=")
-        if key not in keys:
-            raise UserError(f"unknown key --{key}: {script} has no setting {key!r} (--help lists them)")
-        default = globals_dict[key]
-        if not eq:
-            if not isinstance(default, bool):
-                raise UserError(f"--{key} needs a value: --{key}=VALUE")
-            text = "True"
-        globals_dict[key] = _coerce(key, _parse_value(text, default), default, f"--{key}")
-    return {k: globals_dict[k] for k in keys}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# device, precision, DDP
-
-@dataclass
-class Runtime:
-    """Where and how this process computes. `autocast` is a reusable context manager (a no-op in fp32);
-    `scaler` a GradScaler that is enabled only for fp16. Under torchrun: ddp=True, rank/local_rank/world_size
-    set, and only the master process (rank 0) writes files and prints."""
-    device: str
-    device_type: str       # 'cuda' | 'mps' | 'cpu'
-    dtype: torch.dtype     # autocast dtype; float32 = no autocast
-    autocast: object
-    scaler: torch.amp.GradScaler
-    compile: bool
-    ddp: bool = False
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    master: bool = True
-
-    def to_device(self, t):
-        """Copy a CPU tensor to the device; on CUDA through pinned memory, asynchronously."""
-        if self.device_type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
-
-
-def _flag(value, name):
-    if isinstance(value, bool) or value == "auto":
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise UserError(f"--{name} must be auto, True or False, got {value!r}")
-
-
-def setup(device="auto", dtype="auto", seed=1337, compile="auto"):
-    """Pick the device (device='auto': CUDA, then MPS, then CPU; or 'cuda', 'cuda:1', 'mps', 'cpu'), the precision
-    (dtype='auto': bf16 autocast on CUDA where supported, else fp16 with a grad scaler; fp32 on MPS and CPU; or
-    'float32' | 'bfloat16' | 'float16'), torch.compile (compile='auto': on CUDA only), start DDP when run under
-    torchrun (NCCL on CUDA, gloo on CPU), and seed torch, numpy and random. Every process gets the same seed:
-    the model starts identical everywhere and the trainer gives each process its own batches."""
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device_type = device.split(":")[0]
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device must be auto, cuda, cuda:N, mps or cpu, got {device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is available (this torch build or machine has none)")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps but MPS is not available (needs Apple silicon and a recent macOS)")
-    if ddp and device_type == "mps":
-        raise UserError("torchrun (DDP) runs on CUDA or CPU, not MPS")
-    if ddp and device_type == "cuda":
-        device = f"cuda:{local_rank}"  # one GPU per process
-    if device_type == "cuda":
-        if ":" in device:  # plain 'cuda' is the current device; set_device needs an index
-            torch.cuda.set_device(device)
-        # TF32 matmuls: ~free accuracy-wise for training, several times faster fp32 matmuls on Ampere+
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    if dtype == "auto":
-        if device_type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:  # CPU: autocast is slower than fp32 for these sizes; MPS: fp32 is the dependable default
-            dtype = "float32"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    ptdtype = dtypes[dtype]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    # fp16 has a narrow exponent: scale the loss so small gradients do not flush to zero. bf16 needs none.
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-
-    compile = _flag(compile, "compile")
-    if compile == "auto":
-        compile = device_type == "cuda"
-
-    if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    return Runtime(device=device, device_type=device_type, dtype=ptdtype, autocast=autocast, scaler=scaler,
-                   compile=compile, ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size,
-                   master=rank == 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data sets
-
-def dataset_dir(name):
-    """--dataset=NAME is data/NAME; a value containing a path separator is a path as given."""
-    return name if ("/" in name or os.sep in name) else os.path.join("data", name)
-
-
-def data_file(dataset, filename):
-    """Path of a prepared data file, or a UserError saying how to make it."""
-    path = os.path.join(dataset_dir(dataset), filename)
-    if not os.path.exists(path):
-        raise UserError(f"{path} not found: prepare the data first (python prepare.py"
-                        f"{'' if dataset == 'world' else ' --dataset=' + dataset + ' ...'}) or pass --dataset=")
-    return path
+import lora
+import prepare
+import quantize
+import world
+from common import (POLICY_STAGES, STAGES, Runtime, UserError, cli, config_keys, configure,  # noqa: F401
+                    data_file, dataset_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setup,
+                    write_atomic)
+from engine import generate_replies, model_from_checkpoint  # noqa: F401
+from prepare import check_tokenizer_matches, load_tokenizer  # noqa: F401
 
 
 @functools.lru_cache(maxsize=4)
@@ -374,84 +140,6 @@ def batch_items(split, n_items, batch_size, k, seed):
     return ordered_batch(n_items, batch_size, k)
 
 
-def load_tokenizer(dataset):
-    """The Tokenizer that prepare.py saved for a data set."""
-    from tokenizer import Tokenizer
-    path = data_file(dataset, "tokenizer.json")
-    try:
-        return Tokenizer.load(path)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot load the tokenizer: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-def write_atomic(path, write, mode="wb"):
-    """Call write(f) on a temporary file beside `path` (named after this process, so two processes writing the
-    same file cannot trip over each other), fsync it, then rename it over `path`: a crash or Ctrl-C at any point
-    leaves the old file or the new one, never half of one. Every file this project writes goes through here."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(path, obj):
-    """torch.save, atomically (write_atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(obj, f))
-    try:  # make the rename itself durable (POSIX; a no-op where folders cannot be opened)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-_STAGE_NAMES = {"pretrain": "a pretraining", "sft": "an SFT", "dpo": "a DPO", "reward": "a reward model",
-                "ppo": "a PPO"}
-
-
-def load_checkpoint(path, stages=None):
-    """Load one of our checkpoints (a stage's folder means its ckpt.pt) with weights_only=True onto the CPU.
-    `stages`: the stages it may come from; anything else is a one-line UserError naming the file: missing,
-    unreadable, not one of ours, or the wrong kind ("a reward model checkpoint cannot be used as a policy")."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        hint = f" (run the {'/'.join(stages)} stage first, or pass the right path)" if stages else ""
-        raise UserError(f"{path}: no such checkpoint{hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, pickle and unpickler-allowlist errors all mean "not a checkpoint we can read"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
-    needed = ("stage", "model_config", "model", "tokenizer")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed) or ckpt["stage"] not in STAGES:
-        raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(needed)})")
-    stage = ckpt["stage"]
-    if stages is not None and stage not in stages:
-        if stage == "reward":
-            msg = "a reward model checkpoint cannot be used as a policy"
-        elif tuple(stages) == ("reward",):
-            msg = f"{_STAGE_NAMES[stage]} checkpoint is a policy, not a reward model (train one with reward_model.py)"
-        else:
-            msg = f"{_STAGE_NAMES[stage]} checkpoint cannot be used here"
-        raise UserError(f"{path}: {msg}; expected a checkpoint of stage {' or '.join(stages)}")
-    return ckpt
-
-
 def resume_checkpoint(cfg, stage):
     """With --resume=True, the checkpoint to continue from (out_dir/ckpt.pt of this stage); None otherwise."""
     if not cfg["resume"]:
@@ -465,54 +153,10 @@ def resume_checkpoint(cfg, stage):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, device):
-    """(GPT, Tokenizer) from a loaded checkpoint, the model on `device` in eval mode. A quantized checkpoint
-    (with a `quantization` entry, written by quantize.py) is rebuilt by quantize.load_quantized_model."""
-    from model import GPT, ModelConfig
-    from tokenizer import Tokenizer
-    try:
-        tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
-    except (ValueError, TypeError) as e:
-        raise UserError(f"checkpoint: its tokenizer cannot be loaded: {e}") from None
-    if "quantization" in ckpt:
-        import quantize
-        model = quantize.load_quantized_model(ckpt, device)
-    else:
-        model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint: the weights do not fit its model_config: {str(e).splitlines()[0]}") from None
-        model.to(device)
-    return model.eval(), tokenizer
-
-
-def check_tokenizer_matches(ckpt, dataset):
-    """UserError unless the checkpoint was trained with the data set's tokenizer: the same ids must mean the
-    same text, or every later stage trains on garbage."""
-    path = data_file(dataset, "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        theirs = f.read()
-    try:
-        same = json.loads(theirs) == json.loads(ckpt["tokenizer"])
-    except ValueError:
-        same = False
-    if not same:
-        from tokenizer import Tokenizer
-        try:
-            ours_n, theirs_n = Tokenizer.from_json(ckpt["tokenizer"]).vocab_size, Tokenizer.from_json(theirs).vocab_size
-            sizes = f" (vocab {ours_n} vs {theirs_n})"
-        except ValueError:
-            sizes = ""
-        raise UserError(f"the checkpoint's tokenizer differs from {path}{sizes}: it was trained on other data; "
-                        f"use the data set it was trained on, or prepare this one with its tokenizer")
-
-
 def model_entries(model, tokenizer):
     """The checkpoint entries of a policy: `model_config`, `model` (LoRA adapters merged and any quantized base
     dequantized, so the next stage gets a plain full-precision GPT) and `tokenizer`. A model with LoRA adapters
     also gets `lora_config` and `adapter` (the adapters alone): what --resume=True puts back on the base."""
-    import lora
     has_special = any(type(m).__name__ in ("LoRALinear", "Linear4bit", "Linear8bit") for m in model.modules())
     sd = lora.merged_state_dict(model) if has_special else model.state_dict()
     entries = {"model_config": model.config.to_dict(), "model": sd, "tokenizer": tokenizer.to_json()}
@@ -531,7 +175,6 @@ def init_finetune(cfg, stage, init_stages):
     cfg['finetune'] (full | lora | qlora, lora.setup_finetune), and with --resume=True the run's own weights or
     adapters put back. Returns (model, tokenizer, init checkpoint, resume checkpoint or None, the
     "trainable x of y" line)."""
-    import lora
     resume_from = resume_checkpoint(cfg, stage)
     init = load_checkpoint(cfg["init_from"], stages=init_stages)
     if "quantization" in init:
@@ -557,10 +200,35 @@ def init_finetune(cfg, stage, init_stages):
     return model.train(), tokenizer, init, resume_from, line
 
 
+def frozen_reference(model, init, finetune, device, nf4=False):
+    """The frozen reference a preference or RL stage holds its policy `model` to, as a function (B, T) ids ->
+    (B, T, V) logits without gradient: a frozen copy of the starting checkpoint `init` for full fine-tuning
+    (nf4=True keeps the copy in NF4, ~4.13 bits per weight), else the policy itself with its LoRA adapters
+    switched off, which costs no memory. Either runs in eval mode (no dropout); the policy's mode is restored."""
+    reference = None
+    if finetune == "full":
+        reference, _ = model_from_checkpoint(init, "cpu")
+        if nf4:
+            quantize.quantize_model(reference, "nf4")
+        reference = reference.requires_grad_(False).to(device).eval()
+
+    @torch.no_grad()
+    def reference_logits(x):
+        if reference is not None:
+            return reference(x)[0]
+        was_training = model.training
+        model.eval()
+        try:
+            with lora.disable_adapters(model):
+                return model(x)[0]
+        finally:
+            model.train(was_training)
+    return reference_logits
+
+
 def finish_finetune(model, out_dir, stage, samples, metrics, master=True):
     """The end of a fine-tuning stage (sft, dpo, ppo): a LoRA/QLoRA run also writes its adapters alone (small) as
     out_dir/adapter.pt; then the sample answers and, last, the JSON line of the final metrics."""
-    import lora
     if not master:
         return
     if lora.lora_layers(model):
@@ -569,32 +237,6 @@ def finish_finetune(model, out_dir, stage, samples, metrics, master=True):
         print(f"adapters alone: {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
     print_samples(samples)
     print(json.dumps(metrics, ensure_ascii=False))
-
-
-def rng_state():
-    """Every random generator's state, as values that torch.load(weights_only=True) accepts."""
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,8 +260,10 @@ def make_optimizer(model, lr, weight_decay, betas, device_type):
 def lr_at(it, cfg):
     """Learning rate for update `it` (0-based): linear warmup over cfg['warmup_iters'] updates up to
     cfg['learning_rate'], then half a cosine down to cfg['min_lr'], reached at cfg['lr_decay_iters'] (0 means
-    cfg['max_iters']) and kept after. min_lr == learning_rate gives a constant rate after warmup."""
-    lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
+    cfg['max_iters']) and kept after. min_lr == learning_rate gives a constant rate after warmup. In every stage
+    min_lr 0 means learning_rate / 10 (the 10x decay of Hoffmann et al. 2022), so it follows a learning rate that a
+    stage derives from its finetune mode."""
+    lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"] or cfg["learning_rate"] / 10, cfg["warmup_iters"]
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it < warmup:
         return lr * (it + 1) / warmup
@@ -744,14 +388,15 @@ def check_finite(value, what, step, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # the training loop
 
-TRAIN_KEYS = ("out_dir", "max_iters", "batch_size", "grad_accum", "learning_rate", "min_lr", "warmup_iters",
-              "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval", "eval_iters",
-              "log_interval")
+LOOP_KEYS = ("out_dir", "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
+             "beta1", "beta2", "grad_clip", "eval_interval", "log_interval")
+BATCH_KEYS = ("batch_size", "grad_accum", "eval_iters")  # the loop's own step (loss_fn over micro-batches)
+TRAIN_KEYS = LOOP_KEYS + BATCH_KEYS
 
 
-def check_train_config(cfg, world_size=1):
+def check_train_config(cfg, world_size=1, keys=TRAIN_KEYS):
     """UserError naming the setting for values the loop cannot work with."""
-    missing = [k for k in TRAIN_KEYS if k not in cfg]
+    missing = [k for k in keys if k not in cfg]
     if missing:
         raise TypeError(f"trainer.train: the stage's config lacks {missing}")
 
@@ -759,15 +404,17 @@ def check_train_config(cfg, world_size=1):
         if not ok:
             raise UserError(f"--{key}={cfg[key]!r}: {rule}")
     for k in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
-        need(cfg[k] >= 1, k, "must be at least 1")
+        if k in keys:
+            need(cfg[k] >= 1, k, "must be at least 1")
     for k in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
         need(cfg[k] >= 0, k, "must not be negative")
     need(cfg["learning_rate"] > 0, "learning_rate", "must be positive")
     need(cfg["min_lr"] <= cfg["learning_rate"], "min_lr", "must not exceed --learning_rate")
     for k in ("beta1", "beta2"):
         need(0 <= cfg[k] < 1, k, "must be in [0, 1)")
-    need(cfg["grad_accum"] % world_size == 0, "grad_accum",
-         f"must be a multiple of the number of processes ({world_size}): it counts micro-batches over all of them")
+    if "grad_accum" in keys:
+        need(cfg["grad_accum"] % world_size == 0, "grad_accum", f"must be a multiple of the number of processes "
+             f"({world_size}): it counts micro-batches over all of them")
 
 
 def _count_tokens(batch):
@@ -787,7 +434,8 @@ def _scalars(metrics):
 
 
 def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, evaluate=None, resume_from=None,
-          optimizer=None, best_metric="val_loss", higher_is_better=False):
+          optimizer=None, best_metric="val_loss", higher_is_better=False, step_fn=None, train_state=None,
+          summary_keys=(), log_panels=MetricsLog.LOSS_PANELS, png="loss.png", name=None):
     """Train `model` and return the metrics of the final evaluation (a dict; also in the checkpoint).
 
     model: an nn.Module already on rt.device (weights loaded when resuming). The loop compiles it (rt.compile)
@@ -802,26 +450,35 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         is what makes a resumed run identical to an uninterrupted one and torchrun identical to one process
         with the same global batch (grad_accum x batch_size). tokens/s counts the batch's first tensor.
     cfg: the stage's settings with the keys in TRAIN_KEYS (batch_size = micro-batch per process, grad_accum =
-        micro-batches per optimizer step over all processes).
-    stage: the checkpoint's stage name. checkpoint_entries() -> dict: model_config, model, tokenizer and any
-        extras (e.g. a reward head); see model_entries. The loop adds stage, train_config, metrics, step,
-        optimizer, scaler, rng, data_position, best.
+        micro-batches per optimizer step over all processes); with step_fn, LOOP_KEYS.
+    stage: the checkpoint's stage name (name: the progress bar's and plot's, default stage). checkpoint_entries()
+        -> dict: model_config, model, tokenizer and any extras (e.g. a reward head); see model_entries. The loop
+        adds stage, train_config, metrics, step, optimizer, scaler, rng, data_position, best, and train_state()
+        (a dict: more training state, e.g. PPO's critic) to the last checkpoint.
     evaluate(model, metrics) -> dict: extra metrics at each evaluation (e.g. exact_match), given the unwrapped
         model in eval mode and this evaluation's val_loss and loss_fn metrics. Runs on every process.
     resume_from: a checkpoint from resume_checkpoint(): restores optimizer, scaler, step, RNG states, data
-        position and the best value; the stage has loaded the model weights from it already.
+        position and the best value; the stage has loaded the model weights (and its train_state) already.
     optimizer: default make_optimizer(model, ...) from cfg; pass one for custom parameter groups.
-    best_metric / higher_is_better: what best.pt is chosen by.
+    best_metric / higher_is_better: what best.pt is chosen by; an evaluation without it (a data set without
+        checkable prompts) counts as the best so far.
+    step_fn(step, stop) -> (record, tokens, stopping): one whole training step of a stage whose step
+        is not "micro-batches of loss_fn, one optimizer step" (PPO: rollouts, then several updates with
+        rt.scaler), instead of loss_fn and get_batch (both None: evaluations then have no val loss). record: the
+        step's scalars for the metrics log; tokens: processed this step; stopping: stop after this step, read from
+        stop.signum (a Ctrl-C or SIGTERM during the step) at its end; every process must agree. It runs the
+        optimizer steps itself; the loop has set the lr of this step.
+    summary_keys: step-record keys whose mean over the last 10 steps joins each evaluation's metrics (PPO's
+        reward_mean and kl). log_panels / png: the plot's panels and file name (MetricsLog).
 
     Each step: grad_accum micro-batches (no DDP gradient sync until the last), clip at grad_clip (0 = no
     clipping), optimizer step at lr_at(step). Every eval_interval steps and at the end: val loss over
-    eval_iters batches plus evaluate(), a metrics.jsonl record, loss.png, ckpt.pt (last, with the training
+    eval_iters batches plus evaluate(), a metrics.jsonl record, the plot, ckpt.pt (last, with the training
     state) and best.pt (model only) when best_metric improved. Logs train_loss, lr, grad_norm and tokens/s
     every log_interval steps. Ctrl-C/SIGTERM: finish the step, save ckpt.pt, exit 130/143. A NaN or inf loss:
     UserError before the optimizer step, so the last checkpoint stays good."""
-    check_train_config(cfg, rt.world_size)
-    out_dir, max_iters, grad_accum = cfg["out_dir"], cfg["max_iters"], cfg["grad_accum"]
-    accum_here = grad_accum // rt.world_size  # micro-batches per step in this process
+    check_train_config(cfg, rt.world_size, LOOP_KEYS if step_fn else TRAIN_KEYS)
+    out_dir, max_iters = cfg["out_dir"], cfg["max_iters"]
     raw = model.to(rt.device)
     params = [p for p in raw.parameters() if p.requires_grad]
     if optimizer is None:
@@ -831,7 +488,7 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     step, next_k, tokens_seen, best, metrics = 0, 0, 0, None, {}
     if resume_from is not None:
         optimizer.load_state_dict(resume_from["optimizer"])
-        if rt.scaler.is_enabled() and resume_from["scaler"]:  # empty when the run was not in fp16
+        if rt.scaler.is_enabled() and resume_from.get("scaler"):  # empty when the run was not in fp16
             rt.scaler.load_state_dict(resume_from["scaler"])
         step, best, metrics = resume_from["step"], resume_from["best"], resume_from["metrics"]
         next_k, tokens_seen = resume_from["data_position"]["next_k"], resume_from["data_position"]["tokens_seen"]
@@ -841,8 +498,9 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     # evaluation runs on `fwd`, never through DDP: its forward would sync buffers across processes
     ddp_model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None) if rt.ddp else fwd
     log = MetricsLog(out_dir, enabled=rt.master, resume_step=step if resume_from is not None else None,
-                     title=f"{stage}: {out_dir}")
+                     title=f"{name or stage}: {out_dir}", panels=log_panels, png=png)
     ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    history = []  # the step records since the start of this process, for summary_keys
 
     def save(path, training_state):
         if not rt.master:
@@ -851,27 +509,29 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         obj.update(stage=stage, train_config=dict(cfg), metrics=metrics, step=step)
         if training_state:
             obj.update(optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng_state(), best=best,
-                       data_position={"next_k": next_k, "tokens_seen": tokens_seen})
+                       data_position={"next_k": next_k, "tokens_seen": tokens_seen}, **(train_state or dict)())
         save_checkpoint(path, obj)
 
     def run_eval():
         # every process evaluates every val batch: identical numbers everywhere and no collectives needed
         raw.eval()
-        total, n = None, 0
-        with torch.no_grad():
-            for k in range(cfg["eval_iters"]):
-                batch = get_batch("val", k)
-                if batch is None:
-                    break
-                with rt.autocast:
-                    loss, extra = loss_fn(fwd, batch)
-                vec = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32,
-                                  device=loss.device) for v in extra.values()])
-                total, n, keys = (vec if total is None else total + vec), n + 1, list(extra)
-        if n == 0:
-            raise UserError(f"{stage}: the validation set is empty (get_batch('val', 0) gave nothing)")
-        values = (total / n).tolist()
-        result = {"val_loss": values[0], **dict(zip(keys, values[1:]))}
+        result = {}
+        if get_batch is not None:
+            total, n = None, 0
+            with torch.no_grad():
+                for k in range(cfg["eval_iters"]):
+                    batch = get_batch("val", k)
+                    if batch is None:
+                        break
+                    with rt.autocast:
+                        loss, extra = loss_fn(fwd, batch)
+                    vec = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32,
+                                      device=loss.device) for v in extra.values()])
+                    total, n, keys = (vec if total is None else total + vec), n + 1, list(extra)
+            if n == 0:
+                raise UserError(f"{stage}: the validation set is empty (get_batch('val', 0) gave nothing)")
+            values = (total / n).tolist()
+            result = {"val_loss": values[0], **dict(zip(keys, values[1:]))}
         if evaluate is not None:
             result.update(evaluate(raw, dict(result)))
         raw.train()
@@ -880,18 +540,59 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     def eval_and_save():
         nonlocal metrics, best
         metrics = run_eval()
-        log.log({"step": step, **metrics})
+        log.log({"step": step, **metrics})  # summary_keys are in the step records already
+        recent = history[-10:]
+        metrics.update({k: float(np.mean([r[k] for r in recent])) for k in summary_keys if recent})
         if rt.master:
             tqdm.write(f"step {step}: {_scalars(metrics)}")
             log.plot()
         value = metrics.get(best_metric)
-        improved = value is not None and (best is None or (value > best if higher_is_better else value < best))
-        if improved:
+        improved = value is None or best is None or (value > best if higher_is_better else value < best)
+        if improved and value is not None:
             best = value
         save(ckpt_path, training_state=True)
         if improved:
             save(best_path, training_state=False)
 
+    def batch_step(step, stop):
+        # grad_accum micro-batches of loss_fn, one optimizer step; the one host sync of the step is the
+        # all-reduce of the mean loss and metrics over all processes, the grad norm and the Ctrl-C flag
+        nonlocal next_k
+        accum_here = cfg["grad_accum"] // rt.world_size  # micro-batches per step in this process
+        loss_sum, extra_sum, ntok = torch.zeros((), device=rt.device), {}, 0
+        for micro in range(accum_here):
+            batch = get_batch("train", next_k + rt.rank * accum_here + micro)
+            ntok += _count_tokens(batch)
+            # gradients are all-reduced once per step, on the last micro-batch, not on every backward
+            last = micro == accum_here - 1
+            with (ddp_model.no_sync() if rt.ddp and not last else nullcontext()):
+                with rt.autocast:
+                    loss, extra = loss_fn(ddp_model, batch)
+                rt.scaler.scale(loss / accum_here).backward()
+            loss_sum += loss.detach().float()
+            for k, v in extra.items():
+                extra_sum[k] = extra_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
+        rt.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
+        stats = torch.stack([loss_sum / accum_here, grad_norm.float().to(loss_sum.device),
+                             torch.tensor(1.0 if stop.signum else 0.0, device=loss_sum.device)]
+                            + [(v / accum_here).to(loss_sum.device) for v in extra_sum.values()])
+        if rt.ddp:
+            dist.all_reduce(stats)  # SUM: gloo has no AVG
+            stats /= rt.world_size
+        train_loss, norm, stopping, *extra_means = stats.tolist()
+        check_finite(train_loss, "the training loss", step + 1, out_dir)
+        if not rt.scaler.is_enabled():  # with fp16 an inf gradient only makes the scaler skip the step
+            check_finite(norm, "the gradient norm", step + 1, out_dir)
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        next_k += cfg["grad_accum"]
+        record = {"train_loss": train_loss, "grad_norm": norm,
+                  **{f"train_{k}": v for k, v in zip(extra_sum, extra_means)}}
+        return record, ntok * rt.world_size, bool(stopping)
+
+    step_fn = step_fn or batch_step
     if resume_from is None and rt.master and os.path.exists(ckpt_path):
         print(f"note: {out_dir} has a checkpoint from an earlier run; it will be overwritten "
               f"(--resume=True continues it instead)", file=sys.stderr)
@@ -901,7 +602,8 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         return metrics
 
     raw.train()
-    bar = tqdm(total=max_iters, initial=step, desc=stage, disable=not rt.master, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=max_iters, initial=step, desc=name or stage, disable=not rt.master, dynamic_ncols=True,
+               file=sys.stderr)
     with GracefulStop() as stop, bar:
         if resume_from is None:
             eval_and_save()  # the step-0 baseline, and a checkpoint exists from the start
@@ -911,49 +613,19 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss_sum, extra_sum, ntok = torch.zeros((), device=rt.device), {}, 0
-            for micro in range(accum_here):
-                batch = get_batch("train", next_k + rt.rank * accum_here + micro)
-                ntok += _count_tokens(batch)
-                # gradients are all-reduced once per step, on the last micro-batch, not on every backward
-                last = micro == accum_here - 1
-                with (ddp_model.no_sync() if rt.ddp and not last else nullcontext()):
-                    with rt.autocast:
-                        loss, extra = loss_fn(ddp_model, batch)
-                    rt.scaler.scale(loss / accum_here).backward()
-                loss_sum += loss.detach().float()
-                for k, v in extra.items():
-                    extra_sum[k] = extra_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
-            rt.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
-
-            # the one host sync of a step: mean loss and metrics over all processes, grad norm, Ctrl-C flag
-            stats = torch.stack([loss_sum / accum_here, grad_norm.float().to(loss_sum.device),
-                                 torch.tensor(1.0 if stop.signum else 0.0, device=loss_sum.device)]
-                                + [(v / accum_here).to(loss_sum.device) for v in extra_sum.values()])
-            if rt.ddp:
-                dist.all_reduce(stats)  # SUM: gloo has no AVG
-                stats /= rt.world_size
-            train_loss, norm, stopping, *extra_means = stats.tolist()
-            check_finite(train_loss, "the training loss", step + 1, out_dir)
-            if not rt.scaler.is_enabled():  # with fp16 an inf gradient only makes the scaler skip the step
-                check_finite(norm, "the gradient norm", step + 1, out_dir)
-
-            rt.scaler.step(optimizer)
-            rt.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            record, ntok, stopping = step_fn(step, stop)
             step += 1
-            next_k += grad_accum
-            tokens_seen += ntok * rt.world_size
+            tokens_seen += ntok
+            history.append(record)
             t_interval += time.perf_counter() - t0
-            tok_interval += ntok * rt.world_size
+            tok_interval += ntok
             bar.update(1)
 
             if step % cfg["log_interval"] == 0 or step == max_iters:
                 tok_s = tok_interval / max(t_interval, 1e-9)
-                log.log({"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": norm, "tok_per_s": tok_s,
-                         "tokens": tokens_seen, **{f"train_{k}": v for k, v in zip(extra_sum, extra_means)}})
-                bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s")
+                log.log({"step": step, **record, "lr": lr, "tok_per_s": tok_s, "tokens": tokens_seen})
+                shown = " ".join(f"{k.replace('train_', '')} {v:.4g}" for k, v in list(record.items())[:3])
+                bar.set_postfix_str(f"{shown} lr {lr:.2e} {tok_s:,.0f} tok/s")
                 t_interval, tok_interval = 0.0, 0
             if step % cfg["eval_interval"] == 0 or step == max_iters:
                 eval_and_save()
@@ -981,32 +653,17 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
     "exact_match_by_lang": {lang: share}, "exact_match_n": prompts scored, "samples": [[prompt, response,
     answer, right], ...] (the first n_samples, with their verdict)}. Empty dicts and exact_match 0.0 when the set
     has no checkable prompt."""
-    import prepare
-    import world
-    from model import left_pad
-
     rows = prepare.load_prompts(dataset, "val")  # each with its rendered prompt in "ids"
     items = [(row["ids"], row) for row in rows if row.get("answer") is not None][:max_prompts]
     # longest first and in batches of similar length: less padding, and a too-long batch fails at once
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-    stop = sorted(tokenizer.special_ids)
-    block_size = model.config.block_size
     responses = [None] * len(items)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), (autocast or nullcontext()):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            seqs = [items[i][0][-(block_size - 1):] for i in chunk]  # keep the end: the question and the header
-            idx, mask = left_pad(seqs, tokenizer.pad_id)
-            n_new = min(max_new_tokens, block_size - idx.shape[1])
-            out = model.generate(idx.to(device), n_new, temperature=0.0, stop_tokens=stop,
-                                 attention_mask=mask.to(device), pad_id=tokenizer.pad_id)
-            for row, i in enumerate(chunk):
-                new = out[row, idx.shape[1]:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in tokenizer.special_ids), len(new))
-                responses[i] = tokenizer.decode(new[:cut])
-    model.train(was_training)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        replies = generate_replies(model, tokenizer, [items[i][0] for i in chunk], max_new_tokens, device,
+                                   autocast=autocast)
+        for i, reply in zip(chunk, replies):
+            responses[i] = reply.text
 
     right, by_task, by_lang = [], {}, {}
     for (ids, row), response in zip(items, responses):
@@ -1051,3 +708,4 @@ def print_samples(samples, title="sample answers to held-out prompts (greedy)"):
     for prompt, response, answer, right in samples:  # as evaluate_exact_match scored them
         verdict = "right" if right else f"wrong, expected {answer}"
         print(f"  > {' '.join(prompt.split())}\n    {' '.join(response.split()) or '(no answer)'}   [{verdict}]")
+

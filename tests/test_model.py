@@ -187,7 +187,7 @@ def test_moe_each_token_reaches_exactly_k_experts_with_renormalised_gates():
     seen = record_expert_inputs(moe)
     x = torch.randn(3, 7, 32)  # rows are distinct, so each row an expert receives identifies its token
     with torch.no_grad():
-        out = moe(x)
+        out, _ = moe(x)
     tokens = x.reshape(-1, 32)
     hits = torch.zeros(len(tokens), 4, dtype=torch.long)
     for e, inputs in seen.items():
@@ -215,15 +215,30 @@ def test_moe_balancing_loss_is_exactly_coef_for_uniform_routing_and_larger_when_
     with torch.no_grad():
         for block in m.layers:
             block.mlp.router.weight.zero_()  # every expert equally likely for every token
-        m(idx)
-        torch.testing.assert_close(m.aux_loss, torch.tensor(0.01))
+        _, aux_loss = m(idx)
+        torch.testing.assert_close(aux_loss, torch.tensor(0.01))
         # push every token towards expert 0: far from balanced, the raw loss approaches n_experts / k = 2
         moe.router.weight[0] = 5.0
-        moe(torch.rand(32, 32) + 0.5)
-        assert moe.aux_loss > 1.9
+        _, moe_aux = moe(torch.rand(32, 32) + 0.5)
+        assert moe_aux > 1.9
         m.eval()
-        m(idx)
-        assert m.aux_loss == 0  # validation loss stays pure cross entropy (perplexity)
+        _, aux_loss = m(idx)
+        assert aux_loss == 0  # validation loss stays pure cross entropy (perplexity)
+
+
+def test_moe_balancing_loss_survives_a_later_forward_of_the_same_modules():
+    # DPO with LoRA runs its reference forward (adapters off, eval mode) through the very modules the policy
+    # just used; a balancing loss kept on the model would be reset to 0 by it before the policy's loss read it
+    m, _ = moe_layer(seed=5)
+    m.train()
+    idx = torch.randint(0, 97, (2, 16))
+    _, aux_loss = m(idx)
+    before = aux_loss.item()
+    m.eval()
+    with torch.no_grad():
+        _, ref_aux = m(idx)
+    assert ref_aux == 0 and before > 0 and aux_loss.item() == before
+    assert aux_loss.requires_grad  # and it still trains the routers
 
 
 def test_moe_training_loss_includes_aux_and_every_routed_expert_gets_a_gradient():
@@ -231,10 +246,11 @@ def test_moe_training_loss_includes_aux_and_every_routed_expert_gets_a_gradient(
     m.train()
     seen = record_expert_inputs(moe)
     idx = torch.randint(0, 97, (2, 16))
+    _, aux_loss = m(idx)
     logits, loss = m(idx, targets=idx)
     ce = F.cross_entropy(logits.reshape(-1, 97), idx.reshape(-1))
-    torch.testing.assert_close(loss, ce + m.aux_loss)
-    assert m.aux_loss > 0
+    torch.testing.assert_close(loss, ce + aux_loss)
+    assert aux_loss > 0
     loss.backward()
     routed = {e for e, inputs in seen.items() if sum(len(i) for i in inputs) > 0}
     assert len(routed) >= 2

@@ -9,109 +9,6 @@ import trainer
 from conftest import ok, one_line_error, read_log, run_script
 
 
-# ------------------------------------------------------------------------------------------------ estimators by hand
-
-def test_gae_by_hand():
-    rewards = torch.tensor([[0.0, 0.0, 1.0]])
-    values = torch.tensor([[0.5, 0.6, 0.7]])
-    mask = torch.ones(1, 3)
-    # gamma 1, lambda 0.9: deltas 0.1, 0.1, 0.3; A2 = 0.3, A1 = 0.1 + 0.9 * 0.3, A0 = 0.1 + 0.9 * 0.37
-    adv, ret = ppo.gae(rewards, values, mask, 1.0, 0.9)
-    torch.testing.assert_close(adv, torch.tensor([[0.433, 0.37, 0.3]]))
-    torch.testing.assert_close(ret, torch.tensor([[0.933, 0.97, 1.0]]))
-    # gamma 0.9, lambda 0.5: deltas 0.9*0.6-0.5 = 0.04, 0.9*0.7-0.6 = 0.03, 0.3
-    adv, _ = ppo.gae(rewards, values, mask, 0.9, 0.5)
-    torch.testing.assert_close(adv, torch.tensor([[0.04 + 0.45 * (0.03 + 0.45 * 0.3), 0.03 + 0.45 * 0.3, 0.3]]))
-
-
-def test_gae_ignores_padding_after_the_response():
-    rewards = torch.tensor([[0.0, 1.0, 5.0], [0.0, 0.0, 1.0]])   # 5.0 sits on padding
-    values = torch.tensor([[0.5, 0.6, 99.0], [0.5, 0.6, 0.7]])  # so does 99
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    adv, ret = ppo.gae(rewards, values, mask, 1.0, 0.9)
-    alone, _ = ppo.gae(rewards[:1, :2], values[:1, :2], mask[:1, :2], 1.0, 0.9)
-    torch.testing.assert_close(adv[0, :2], alone[0])
-    assert adv[0, 2] == 0 and ret[0, 2] == 0
-
-
-def test_whitening_uses_only_the_masked_tokens():
-    x = torch.tensor([[1.0, 2.0, 1000.0], [3.0, 4.0, -1000.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    w = ppo.whiten(x, mask)
-    real = w[mask.bool()]
-    assert real.mean().abs() < 1e-6 and (real ** 2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
-    assert (w[~mask.bool()] == 0).all()
-    torch.testing.assert_close(real, (torch.tensor([1.0, 2, 3, 4]) - 2.5) / torch.tensor(1.25).sqrt(),
-                               rtol=1e-4, atol=1e-4)
-
-
-def test_clipped_objective_has_zero_gradient_outside_the_clip_range():
-    def grad(ratio, advantage):
-        logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
-        loss, clipped = ppo.clipped_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]),
-                                                torch.ones(1, 1), 0.2)
-        loss.backward()
-        return logp.grad.item(), clipped.item()
-    assert grad(1.5, 1.0) == (0.0, 1.0)      # pushed up past 1 + eps: no more push
-    assert grad(0.5, -1.0) == (0.0, 1.0)     # pushed down past 1 - eps: no more push
-    g, _ = grad(0.5, 1.0)                     # below the range but the advantage pulls it back: gradient flows
-    assert g == pytest.approx(-0.5)
-    g, _ = grad(1.5, -1.0)
-    assert g == pytest.approx(1.5)
-    g, clipped = grad(1.1, 1.0)               # inside the range: d(-A r)/d logp = -A r
-    assert g == pytest.approx(-1.1) and clipped == 0.0
-
-
-def test_grpo_advantages_with_the_unbiased_std():
-    adv = ppo.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), 4)
-    # mean 0.5, unbiased std sqrt(1/3): 0.5 / 0.57735 = 0.866 (eps 1e-4 in the denominator)
-    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (3 ** -0.5 + 1e-4))
-    assert adv[:4].abs().sub(0.866).abs().max() < 1e-3
-    assert (adv[4:] == 0).all()  # a group that all scores the same teaches nothing
-
-
-def test_kl_estimators_are_zero_for_the_same_model_and_match_their_formulas():
-    logp = torch.tensor([-1.0, -2.0, -0.5])
-    for kind in ("k1", "k3"):
-        assert (ppo.kl_estimate(logp, logp, kind) == 0).all()
-    ref = torch.tensor([-1.5, -1.0, -0.5])
-    torch.testing.assert_close(ppo.kl_estimate(logp, ref, "k1"), logp - ref)
-    d = ref - logp
-    torch.testing.assert_close(ppo.kl_estimate(logp, ref, "k3"), d.exp() - d - 1)
-    assert (ppo.kl_estimate(logp, ref, "k3") >= 0).all()
-
-
-# ------------------------------------------------------------------------------------------------ masks
-
-def test_rewards_go_to_response_tokens_only_and_the_score_to_the_last_one():
-    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
-    kl = torch.full((2, 6), 0.1)
-    r = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, 0.5)
-    torch.testing.assert_close(r[0], torch.tensor([0.0, 0.0, -0.05, -0.05, 1.95, 0.0]))
-    torch.testing.assert_close(r[1], torch.tensor([0.0, -0.05, -0.05, -0.05, -0.05, -1.05]))
-
-
-def test_the_response_ends_with_its_end_of_turn_and_nothing_after_it_counts():
-    special, end = {0, 1, 5}, 5
-    assert ppo.cut_response([7, 8, 5, 1, 1], special, end) == ([7, 8, 5], True)
-    assert ppo.cut_response([7, 8, 9], special, end) == ([7, 8, 9], False)       # never ended
-    assert ppo.cut_response([7, 0, 9], special, end) == ([7, 0], False)          # another special: ended badly
-
-
-def test_prompt_and_padding_tokens_get_no_gradient():
-    """Backpropagating the policy loss into the logits: only the positions that predict response tokens move."""
-    torch.manual_seed(0)
-    logits = torch.randn(2, 6, 11, requires_grad=True)
-    seqs = torch.randint(0, 11, (2, 6))
-    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
-    logps = ppo.response_logps(logits, seqs, mask, temperature=0.7)
-    loss, _ = ppo.clipped_policy_loss(logps, logps.detach() - 0.05, torch.randn(2, 6), mask, 0.2)
-    loss.backward()
-    moved = logits.grad.abs().sum(-1) > 0                       # position t predicts token t + 1
-    predicts_response = torch.nn.functional.pad(mask[:, 1:], (0, 1)).bool()
-    assert torch.equal(moved, predicts_response)
-
-
 # ------------------------------------------------------------------------------------------------ tiny runs
 
 def ppo_args(data, sft, reward, out, *extra):
@@ -178,3 +75,28 @@ def test_sampling_settings_no_rollout_can_use_are_one_line_errors(arg, fragment)
     # a temperature that small made logits / temperature inf in the rollouts' log-probabilities; checked before
     # anything is loaded
     one_line_error(run_script("ppo.py", arg), fragment)
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(world_data, sft_ckpt, reward_ckpt, tmp_path):
+    # PPO once had a loop of its own that drifted from the shared one (its resume never restored the grad scaler);
+    # it now runs through trainer.train, which must also restore the critic, its optimizer and the adapted kl_coef
+    common = ["--algo=ppo", "--batch_size=4", "--minibatch_size=2", "--eval_interval=2", "--eval_prompts=0",
+              "--lr_decay_iters=4", "--adaptive_kl=True", "--target_kl=0.01", "--kl_horizon=10"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, full, "--max_iters=4", *common)))
+    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=2", *common)))
+    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=4", "--resume=True",
+                                      *common)))
+    steps = {name: [r for r in read_log(d) if "reward_mean" in r and "policy_loss" in r] for name, d in
+             (("full", full), ("cut", cut))}
+    assert [r["step"] for r in steps["cut"]] == [1, 2, 3, 4]
+    keys = ("reward_mean", "kl", "kl_coef", "policy_loss", "value_loss", "grad_norm")
+    assert steps["full"][1]["kl_coef"] != steps["full"][2]["kl_coef"], "the adaptive kl_coef moved"
+    for a, b in zip(steps["full"], steps["cut"]):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5, abs=1e-7)
+    a, b = (trainer.load_checkpoint(str(d), stages=("ppo",)) for d in (full, cut))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k])
+    for k in a["critic"]:
+        torch.testing.assert_close(a["critic"][k], b["critic"][k])
+    assert a["kl_coef"] == pytest.approx(b["kl_coef"]) and "scaler" in b

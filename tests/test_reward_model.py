@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import reward_model
+import rl
 import trainer
 from conftest import TINY_STAGE, ok, one_line_error, run_script
 from model import ScoreModel, ModelConfig
@@ -23,15 +24,15 @@ def test_scores_do_not_depend_on_right_padding_even_when_padding_is_the_end_of_t
     rm = tiny_score_model(tok.vocab_size)
     prompt = tok.render_prompt([{"role": "user", "content": "What is 3 + 4?"}])
     reply = tok.encode("3 + 4 = 7") + [tok.end_id]
-    alone = reward_model.score(rm, [prompt], [reply], tok.pad_id, "cpu")
-    longer = reward_model.score(rm, [prompt, prompt], [reply, reply + tok.encode(" and more words here")],
+    alone = rl.reward_scores(rm, [prompt], [reply], tok.pad_id, "cpu")
+    longer = rl.reward_scores(rm, [prompt, prompt], [reply, reply + tok.encode(" and more words here")],
                                 tok.pad_id, "cpu")
     # pad with the end-of-turn id itself: a "last end-of-turn token" rule would read the wrong position
-    same_id = reward_model.score(rm, [prompt, prompt], [reply, reply + [5] * 9], tok.end_id, "cpu")
+    same_id = rl.reward_scores(rm, [prompt, prompt], [reply, reply + [5] * 9], tok.end_id, "cpu")
     torch.testing.assert_close(longer[0], alone[0])
     torch.testing.assert_close(same_id[0], alone[0])
     # and it is the value at the last real token
-    values = rm(torch.tensor([prompt + reply]))
+    values, _, _ = rm(torch.tensor([prompt + reply]))
     torch.testing.assert_close(alone[0], values[0, -1])
 
 
@@ -64,9 +65,9 @@ def test_tiny_reward_model_ranks_a_separable_toy_set_far_above_chance(world_data
     # the checkpoint: stage reward, the trunk in `model`, the head beside it; it loads as a scorer
     ckpt = trainer.load_checkpoint(str(out), stages=("reward",))
     assert ckpt["metrics"]["pair_accuracy"] == metrics["pair_accuracy"] and "score_head" in ckpt
-    rm, tok = reward_model.load(str(out), "cpu")
+    rm, tok = rl.load_reward_model(str(out), "cpu")
     prompt = tok.render_prompt([{"role": "user", "content": "Is cat red?"}])
-    s = reward_model.score(rm, [prompt, prompt], [tok.encode("yes dog") + [tok.end_id],
+    s = rl.reward_scores(rm, [prompt, prompt], [tok.encode("yes dog") + [tok.end_id],
                                                   tok.encode("no dog") + [tok.end_id]], tok.pad_id, "cpu")
     assert s[0] > s[1]
 
@@ -84,7 +85,7 @@ def test_pairwise_loss_by_hand():
 
 def test_policy_checkpoints_are_refused_as_reward_models(sft_ckpt, world_data, tmp_path):
     with pytest.raises(trainer.UserError, match="is a policy, not a reward model"):
-        reward_model.load(sft_ckpt, "cpu")
+        rl.load_reward_model(sft_ckpt, "cpu")
     r = run_script("reward_model.py", f"--dataset={world_data}", f"--init_from={tmp_path / 'none'}",
                    f"--out_dir={tmp_path / 'o'}", *TINY_STAGE)
     one_line_error(r, "no such checkpoint")

@@ -113,6 +113,19 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert trainer.lr_at(200, cfg) == pytest.approx(0.1)
 
 
+def test_min_lr_zero_means_a_tenth_of_the_learning_rate_in_every_stage():
+    # it meant learning_rate / 10 in sft.py and dpo.py but learning_rate itself in ppo.py
+    cfg = dict(learning_rate=4e-3, min_lr=0.0, warmup_iters=0, lr_decay_iters=0, max_iters=100)
+    assert trainer.lr_at(100, cfg) == pytest.approx(4e-4)
+    assert trainer.lr_at(50, cfg) == pytest.approx((4e-3 + 4e-4) / 2)
+    for stage in ("pretrain", "sft", "dpo", "reward_model", "ppo"):
+        with open(os.path.join(os.path.dirname(trainer.__file__), f"{stage}.py"), encoding="utf-8") as f:
+            source = f.read()
+        line = next(line for line in source.splitlines() if line.startswith("min_lr ="))
+        assert "0 = learning_rate / 10" in line, f"{stage}.py documents min_lr otherwise: {line.strip()}"
+        assert 'cfg["min_lr"] =' not in source, f"{stage}.py gives min_lr its own meaning"
+
+
 def tiny_gpt(dropout=0.0, seed=0, vocab=64, block=32):
     torch.manual_seed(seed)
     return GPT(ModelConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
@@ -482,7 +495,7 @@ class Oracle(torch.nn.Module):
         self.tok, self.replies = tok, replies
         self.config = ModelConfig(vocab_size=tok.vocab_size, block_size=128)
 
-    def generate(self, idx, max_new_tokens, temperature, stop_tokens, attention_mask, pad_id):
+    def generate(self, idx, max_new_tokens, temperature, stop_tokens, attention_mask, pad_id, **sampling):
         assert temperature == 0 and self.tok.end_id in stop_tokens and not self.training
         rows = []
         for r in range(idx.shape[0]):

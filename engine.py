@@ -1,0 +1,83 @@
+"""
+Replies, generated one way for every caller: exact-match evaluation, PPO/GRPO rollouts, the pipeline's report and
+generate.py's one-shot answer all call generate_replies (chat streams token by token but stops by the same rule,
+stop_ids). A policy is loaded from a checkpoint (plain or quantized) here too.
+
+    model, tokenizer = engine.model_from_checkpoint(common.load_checkpoint(path, common.POLICY_STAGES), device)
+    replies = engine.generate_replies(model, tokenizer, [tokenizer.render_prompt(messages)], 64, device)
+    replies[0].text, replies[0].ids, replies[0].stop
+"""
+from contextlib import nullcontext
+from typing import NamedTuple, Optional
+
+import torch
+
+import quantize
+from common import UserError
+from model import GPT, left_pad
+from tokenizer import Tokenizer
+
+
+def model_from_checkpoint(ckpt, device):
+    """(GPT, Tokenizer) from a loaded checkpoint, the model on `device` in eval mode. A quantized checkpoint
+    (with a `quantization` entry, written by quantize.py) is rebuilt by quantize.load_quantized_model. LoRA
+    adapters never need merging here: every checkpoint's `model` holds the merged weights."""
+    try:
+        tokenizer = Tokenizer.from_json(ckpt["tokenizer"])
+    except (ValueError, TypeError) as e:
+        raise UserError(f"checkpoint: its tokenizer cannot be loaded: {e}") from None
+    if "quantization" in ckpt:
+        model = quantize.load_quantized_model(ckpt, device)
+    else:
+        model = GPT.from_checkpoint(ckpt).to(device)
+    return model.eval(), tokenizer
+
+
+def stop_ids(tokenizer):
+    """The tokens a reply ends at: every special token (end of turn or text, or a role header an undertrained
+    model starts on its own)."""
+    return sorted(tokenizer.special_ids)
+
+
+def cut_reply(tokens, special_ids):
+    """Generated ids -> (the reply: the ids before the first special token; that token, or None when there is
+    none: the reply ran out of room). What generate wrote after the stop token (padding) is not part of it."""
+    cut = next((j for j, t in enumerate(tokens) if t in special_ids), None)
+    if cut is None:
+        return list(tokens), None
+    return list(tokens[:cut]), tokens[cut]
+
+
+class Reply(NamedTuple):
+    ids: list              # the reply's token ids, without the token that ended it
+    stop: Optional[int]    # that special token (tokenizer.end_id for a finished turn), None: ran out of room
+    text: str              # tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts, max_new_tokens, device, *, temperature=0.0, top_k=None,
+                     top_p=None, repetition_penalty=1.0, generator=None, autocast=None):
+    """Replies to a batch of prompts (lists of token ids, e.g. tokenizer.render_prompt(messages)) in one batched,
+    KV-cached model.generate on `device` (where the model is): left-padded with an attention mask, each prompt cut
+    to its last block_size - 1 tokens (the question and the assistant header are at the end), at most
+    min(max_new_tokens, block_size - longest prompt) new tokens, each reply cut at its first special token
+    (cut_reply). temperature 0 = greedy; top_k None/0 = off. Runs in eval mode (no dropout) and restores the
+    model's mode. Returns a list of Reply, in the prompts' order."""
+    block_size = model.config.block_size
+    seqs = [list(p)[-(block_size - 1):] for p in prompts]
+    idx, mask = left_pad(seqs, tokenizer.pad_id)
+    n_new = min(max_new_tokens, block_size - idx.shape[1])
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast or nullcontext():
+            out = model.generate(idx.to(device), n_new, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, stop_tokens=stop_ids(tokenizer),
+                                 attention_mask=mask.to(device), pad_id=tokenizer.pad_id, generator=generator)
+    finally:
+        model.train(was_training)
+    replies = []
+    for row in out[:, idx.shape[1]:].tolist():
+        ids, stop = cut_reply(row, tokenizer.special_ids)
+        replies.append(Reply(ids, stop, tokenizer.decode(ids)))
+    return replies

@@ -1,0 +1,140 @@
+"""
+The pieces of reinforcement learning from feedback that ppo.py (PPO and GRPO) is built from: the reward model's
+scores, advantages (GAE, whitening, group baselines), KL estimators and the clipped policy and value losses.
+Pure functions of tensors, checked against hand-computed values in tests/test_rl.py.
+"""
+import torch
+import torch.nn.functional as F
+
+from common import UserError, load_checkpoint
+from engine import model_from_checkpoint
+from model import ModelConfig, ScoreModel
+from trainer import pad_right, token_logps
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reward model's scores (reward_model.py trains it; ppo.py scores its rollouts with it)
+
+def load_reward_model(path, device, tokenizer=None):
+    """A reward checkpoint -> (ScoreModel on `device`, frozen, in eval mode; its tokenizer). Given the policy's
+    `tokenizer`, a reward model trained with another one is a UserError, and the model alone is returned."""
+    ckpt = load_checkpoint(path, stages=("reward",))
+    gpt, rm_tokenizer = model_from_checkpoint(ckpt, "cpu")
+    rm = ScoreModel(gpt.config)
+    rm.gpt = gpt
+    if "score_head" not in ckpt:
+        raise UserError(f"{path}: a reward checkpoint without its score_head")
+    rm.head.load_state_dict(ckpt["score_head"])
+    rm = rm.requires_grad_(False).to(device).eval()
+    if tokenizer is None:
+        return rm, rm_tokenizer
+    if rm_tokenizer.to_json() != tokenizer.to_json():
+        raise UserError(f"{path}: its tokenizer differs from the policy's")
+    return rm
+
+
+def make_critic(init, rm=None, state=None):
+    """PPO's critic, in training mode on the CPU: a ScoreModel (a trunk and a scalar head) with `state` (its state
+    dict, when resuming), else started from the reward model `rm` when one is used (its score of a partial
+    response is already a guess of the final one), else from the policy's checkpoint `init` with a zero head."""
+    critic = ScoreModel(ModelConfig.from_dict(init["model_config"]))
+    if state is not None:
+        critic.load_state_dict(state)
+    elif rm is not None:
+        critic.load_state_dict(rm.state_dict())
+    else:
+        critic.gpt.load_state_dict(init["model"])
+    return critic.train()
+
+
+@torch.no_grad()
+def reward_scores(rm, prompts, responses, pad_id, device, autocast=None):
+    """Scores of (prompt ids, response ids) pairs: lists of token-id lists; each response should end with its
+    end-of-turn token, as in training. Returns a (B,) float32 tensor on `device`. A pair longer than the context
+    keeps its end (the reply is what is scored)."""
+    seqs = [(list(p) + list(r))[-rm.config.block_size:] for p, r in zip(prompts, responses)]
+    idx = pad_right(seqs, pad_id).to(device)
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    with autocast or torch.autocast(idx.device.type, enabled=False):
+        return rm.score(idx, lengths).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the estimators (pure functions, checked against hand-computed values in tests/test_rl.py)
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the masked elements only (padding does not move the statistics); padding -> 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over (B, T) response tokens (mask 1 on the response, a prefix of each row).
+    delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last response token; A_t = sum_k (gamma lam)^k delta_{t+k}.
+    Returns (advantages, returns = advantages + values), both 0 on padding."""
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(T)):
+        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def grpo_advantages(scores, group_size, eps=1e-4):
+    """(n_prompts * group_size,) scores, each prompt's samples consecutive -> (score - group mean) / (group std +
+    eps), with the unbiased std: a group whose samples all score the same gets 0 (nothing to learn from it)."""
+    groups = scores.view(-1, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).view(-1)
+
+
+def kl_estimate(logp, ref_logp, kind):
+    """Per-token estimate of KL(pi || ref) from a token sampled from pi: k1 = log pi - log ref (unbiased, can be
+    negative), k3 = exp(d) - d - 1 with d = log ref - log pi (unbiased, always >= 0, lower variance; Schulman)."""
+    if kind == "k1":
+        return logp - ref_logp
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def clipped_policy_loss(logp, old_logp, advantages, mask, clip_range):
+    """PPO's clipped surrogate, averaged over the masked tokens: max(-A r, -A clip(r, 1 - c, 1 + c)), r =
+    pi / pi_old. Outside the clip range on the side the advantage pushes to, its gradient is zero. Returns (loss,
+    share of tokens clipped)."""
+    ratio = (logp - old_logp).exp()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    clipped = ((ratio - 1).abs() > clip_range).float()
+    return masked_mean(loss, mask), masked_mean(clipped, mask)
+
+
+def token_rewards(scores, kl_tokens, mask, kl_coef):
+    """PPO's per-token rewards, (B, T): -kl_coef x KL_t on every response token and the response's score on its
+    last token (the end-of-turn when it ended). Prompt and padding get nothing."""
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)
+    return -kl_coef * kl_tokens * mask + last.float() * scores[:, None]
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip):
+    """0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), averaged over the masked tokens."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def response_logps(logits, seqs, resp_mask, temperature):
+    """Log-probabilities of each token under logits / temperature (the distribution it was sampled from), as (B, T)
+    aligned with seqs: entry t is log p(seqs[t] | seqs[:t]); entry 0 is 0. Only response entries are used."""
+    logps = token_logps(logits[:, :-1] / temperature, seqs[:, 1:])
+    return F.pad(logps, (1, 0)) * resp_mask

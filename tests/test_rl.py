@@ -1,0 +1,101 @@
+"""The estimators of RL from feedback (rl.py), each checked against values computed by hand."""
+import pytest
+import torch
+
+import rl
+
+
+# ------------------------------------------------------------------------------------------------ estimators by hand
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    mask = torch.ones(1, 3)
+    # gamma 1, lambda 0.9: deltas 0.1, 0.1, 0.3; A2 = 0.3, A1 = 0.1 + 0.9 * 0.3, A0 = 0.1 + 0.9 * 0.37
+    adv, ret = rl.gae(rewards, values, mask, 1.0, 0.9)
+    torch.testing.assert_close(adv, torch.tensor([[0.433, 0.37, 0.3]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.933, 0.97, 1.0]]))
+    # gamma 0.9, lambda 0.5: deltas 0.9*0.6-0.5 = 0.04, 0.9*0.7-0.6 = 0.03, 0.3
+    adv, _ = rl.gae(rewards, values, mask, 0.9, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.04 + 0.45 * (0.03 + 0.45 * 0.3), 0.03 + 0.45 * 0.3, 0.3]]))
+
+
+def test_gae_ignores_padding_after_the_response():
+    rewards = torch.tensor([[0.0, 1.0, 5.0], [0.0, 0.0, 1.0]])   # 5.0 sits on padding
+    values = torch.tensor([[0.5, 0.6, 99.0], [0.5, 0.6, 0.7]])  # so does 99
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv, ret = rl.gae(rewards, values, mask, 1.0, 0.9)
+    alone, _ = rl.gae(rewards[:1, :2], values[:1, :2], mask[:1, :2], 1.0, 0.9)
+    torch.testing.assert_close(adv[0, :2], alone[0])
+    assert adv[0, 2] == 0 and ret[0, 2] == 0
+
+
+def test_whitening_uses_only_the_masked_tokens():
+    x = torch.tensor([[1.0, 2.0, 1000.0], [3.0, 4.0, -1000.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    w = rl.whiten(x, mask)
+    real = w[mask.bool()]
+    assert real.mean().abs() < 1e-6 and (real ** 2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+    torch.testing.assert_close(real, (torch.tensor([1.0, 2, 3, 4]) - 2.5) / torch.tensor(1.25).sqrt(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_clipped_objective_has_zero_gradient_outside_the_clip_range():
+    def grad(ratio, advantage):
+        logp = torch.tensor([[float(torch.log(torch.tensor(ratio)))]], requires_grad=True)
+        loss, clipped = rl.clipped_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]),
+                                                torch.ones(1, 1), 0.2)
+        loss.backward()
+        return logp.grad.item(), clipped.item()
+    assert grad(1.5, 1.0) == (0.0, 1.0)      # pushed up past 1 + eps: no more push
+    assert grad(0.5, -1.0) == (0.0, 1.0)     # pushed down past 1 - eps: no more push
+    g, _ = grad(0.5, 1.0)                     # below the range but the advantage pulls it back: gradient flows
+    assert g == pytest.approx(-0.5)
+    g, _ = grad(1.5, -1.0)
+    assert g == pytest.approx(1.5)
+    g, clipped = grad(1.1, 1.0)               # inside the range: d(-A r)/d logp = -A r
+    assert g == pytest.approx(-1.1) and clipped == 0.0
+
+
+def test_grpo_advantages_with_the_unbiased_std():
+    adv = rl.grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), 4)
+    # mean 0.5, unbiased std sqrt(1/3): 0.5 / 0.57735 = 0.866 (eps 1e-4 in the denominator)
+    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (3 ** -0.5 + 1e-4))
+    assert adv[:4].abs().sub(0.866).abs().max() < 1e-3
+    assert (adv[4:] == 0).all()  # a group that all scores the same teaches nothing
+
+
+def test_kl_estimators_are_zero_for_the_same_model_and_match_their_formulas():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    for kind in ("k1", "k3"):
+        assert (rl.kl_estimate(logp, logp, kind) == 0).all()
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    torch.testing.assert_close(rl.kl_estimate(logp, ref, "k1"), logp - ref)
+    d = ref - logp
+    torch.testing.assert_close(rl.kl_estimate(logp, ref, "k3"), d.exp() - d - 1)
+    assert (rl.kl_estimate(logp, ref, "k3") >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+def test_rewards_go_to_response_tokens_only_and_the_score_to_the_last_one():
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    kl = torch.full((2, 6), 0.1)
+    r = rl.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, 0.5)
+    torch.testing.assert_close(r[0], torch.tensor([0.0, 0.0, -0.05, -0.05, 1.95, 0.0]))
+    torch.testing.assert_close(r[1], torch.tensor([0.0, -0.05, -0.05, -0.05, -0.05, -1.05]))
+
+
+def test_prompt_and_padding_tokens_get_no_gradient():
+    """Backpropagating the policy loss into the logits: only the positions that predict response tokens move."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, requires_grad=True)
+    seqs = torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
+    logps = rl.response_logps(logits, seqs, mask, temperature=0.7)
+    loss, _ = rl.clipped_policy_loss(logps, logps.detach() - 0.05, torch.randn(2, 6), mask, 0.2)
+    loss.backward()
+    moved = logits.grad.abs().sum(-1) > 0                       # position t predicts token t + 1
+    predicts_response = torch.nn.functional.pad(mask[:, 1:], (0, 1)).bool()
+    assert torch.equal(moved, predicts_response)

@@ -145,12 +145,14 @@ PROSE = ("The river runs through the middle of the old town, and on summer eveni
 
 
 def test_smollm2_perplexity_on_english_prose_is_low(smol):
-    # measured 7-9 on this text; a wrong q/k permutation, RoPE base or tokenizer gives hundreds or more
+    # measured 24.5 on this text (a 135M model, 4-bit weights); the q/k rows left in llama.cpp's order give 115, a
+    # tokenizer that splits words wrongly far more. (A wrong RoPE base barely shows on 90 tokens: the logit
+    # comparison with transformers covers it.)
     _, m, tok = smol
     ids = torch.tensor([[tok.eot_id] + tok.encode(PROSE)])
     with torch.no_grad():
         _, loss = m(ids[:, :-1], ids[:, 1:])
-    assert math.exp(loss.item()) < 20, math.exp(loss.item())
+    assert math.exp(loss.item()) < 40, math.exp(loss.item())
 
 
 def test_smollm2_lora_steps_lower_the_loss_and_the_merged_export_loads_in_transformers(smol, tmp_path):

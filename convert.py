@@ -7,8 +7,9 @@ Real models in and out: GGUF files and Hugging Face directories become our check
     python convert.py --src=checkpoints/sft/ckpt.pt --dst=model.gguf --dtype=q8_0   # ours -> GGUF (llama.cpp, Ollama)
 
 The formats follow from the paths: a `.gguf` file, a directory (Hugging Face: config.json, *.safetensors,
-tokenizer.json), our `.pt`. Architectures: Llama (SmolLM, TinyLlama, Llama 3.2 without RoPE scaling) and Qwen2
-(q/k/v biases); whatever our model cannot compute the same way is refused with a one-line error naming the field.
+tokenizer.json), our `.pt`. Architectures: Llama without RoPE scaling (SmolLM, TinyLlama; Llama 3.x scales its RoPE
+and is refused) and Qwen2 (q/k/v biases); whatever our model cannot compute the same way is refused with a one-line
+error naming the field.
 
 An imported model keeps its own tokenizer (as a `tokenizers` JSON) and must speak ChatML, our one chat template:
 its template is rendered on probe conversations and compared with ours, and a default system message it adds is
@@ -200,8 +201,9 @@ def import_gguf(path):
 
     def meta(key, default=KeyError):
         return gguf_field(reader, f"{arch}.{key}", where, default)
-    if meta("rope.scaling.type", "none") not in ("none", "linear") or meta("rope.scaling.factor", 1.0) != 1.0:
-        raise UserError(f"{where}: {arch}.rope.scaling.type={meta('rope.scaling.type')!r}: scaled RoPE is not "
+    scaling, factor = meta("rope.scaling.type", "none"), float(meta("rope.scaling.factor", 1.0))
+    if scaling not in ("none", "linear") or (scaling == "linear" and factor != 1.0):
+        raise UserError(f"{where}: {arch}.rope.scaling.type={scaling!r} (factor {factor:g}): scaled RoPE is not "
                         f"implemented")
     n_embd, n_head = int(meta("embedding_length")), int(meta("attention.head_count"))
     n_kv_head = int(meta("attention.head_count_kv", n_head))
@@ -346,8 +348,7 @@ def load_ours(path):
     sd = {k: v.float() for k, v in trainer.model_entries(model, tok)["model"].items()}
     if model.config.n_experts:
         raise UserError(f"{path}: a Mixture-of-Experts model has no Llama/Qwen2 equivalent to export to")
-    if not model.config.tie_embeddings or "lm_head.weight" not in sd:
-        sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])
+    sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])  # a tied model's state dict may list it once
     return model.config, sd, tok, ckpt["stage"]
 
 
@@ -365,8 +366,9 @@ def export_hf_dir(path, out):
     names = {"eos": tok.tk.id_to_token(stop[0]), "pad": tok.tk.id_to_token(tok.pad_id)}
     tk_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": names["eos"],
                  "pad_token": names["pad"], "unk_token": None, "add_bos_token": False, "add_eos_token": False,
-                 "clean_up_tokenization_spaces": False, "model_max_length": cfg.block_size,
-                 "chat_template": chatml_template(tok.default_system)}
+                 "clean_up_tokenization_spaces": False, "model_max_length": cfg.block_size}
+    if stage != "pretrain":  # a base model has no chat template (our import reads one as "this is a chat model")
+        tk_config["chat_template"] = chatml_template(tok.default_system)
     generation = {"eos_token_id": stop if len(stop) > 1 else stop[0], "pad_token_id": tok.pad_id, "do_sample": False}
 
     def write_json(name, obj):
@@ -444,7 +446,8 @@ def export_gguf(path, out, out_dtype):
     w.add_eot_token_id(stop)
     w.add_pad_token_id(tok.pad_id)
     w.add_add_bos_token(False)
-    w.add_chat_template(chatml_template(tok.default_system))
+    if stage != "pretrain":
+        w.add_chat_template(chatml_template(tok.default_system))
 
     def add(name, t, matrix=True):
         a = t.detach().float().numpy()

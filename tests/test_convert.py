@@ -347,6 +347,17 @@ def test_export_to_gguf_round_trips_through_our_import_and_transformers(tok, tmp
     assert htok.encode("the capital of 北京 🙂", add_special_tokens=False) == tok.encode("the capital of 北京 🙂")
 
 
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_a_base_model_stays_a_base_model_through_export_and_import(tok, tmp_path, fmt):
+    # a pretraining checkpoint exported with a chat template would come back as a chat model (stage sft)
+    src = str(tmp_path / "ours.pt")
+    tiny_checkpoint(src, tok, stage="pretrain")
+    out = str(tmp_path / ("m.gguf" if fmt == "gguf" else "hf"))
+    convert.convert(src, out)
+    convert.convert(out, str(tmp_path / "back.pt"))
+    assert trainer.load_checkpoint(str(tmp_path / "back.pt"))["stage"] == "pretrain"
+
+
 def test_q_k_row_permutation_is_llama_cpps_and_inverts(tok):
     # llama.cpp: head rows (0..d/2-1 | d/2..d-1) -> interleaved (0, d/2, 1, d/2+1, ...); written out by hand
     w = torch.arange(8.0)[:, None].expand(8, 3)  # 2 heads of head_dim 4, 3 input features

@@ -68,6 +68,7 @@ class Tokenizer:
         self.default_system = self.chat.get("default_system")
         self.vocab_size = tk.get_vocab_size()
         self._newline = self.encode("\n")
+        self._headers = {role: self.encode(role + "\n") for role in ROLES}
         self.generation_prompt = [self.start_id] + self.encode("assistant\n")
 
     # ---------------------------------------------------------------- training and (de)serialisation
@@ -157,7 +158,7 @@ class Tokenizer:
         check_messages(messages)
         ids, loss_mask = [], []
         for m in self.with_default_system(messages):
-            header = self.encode(m["role"] + "\n")
+            header = self._headers[m["role"]]
             turn = self.encode(m["role"] + "\n" + m["content"])  # one string, as the template's text is encoded
             # the header's tokens are those the turn shares with the header alone; a reply starting with
             # whitespace may merge with the header's newline, and that token is then the reply's

@@ -358,6 +358,30 @@ def test_a_base_model_stays_a_base_model_through_export_and_import(tok, tmp_path
     assert trainer.load_checkpoint(str(tmp_path / "back.pt"))["stage"] == "pretrain"
 
 
+def test_prepare_tokenizes_any_source_with_a_checkpoints_tokenizer(tok, tmp_path):
+    # data for an imported model must be in its own token ids, its default system message included
+    import prepare
+    chatty = Tokenizer.from_json(json.dumps(dict(json.loads(tok.to_json()), chat={"default_system": "Be kind."})))
+    src = str(tmp_path / "ours.pt")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    trainer.save_checkpoint(src, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(),
+                                  "tokenizer": chatty.to_json(), "stage": "sft", "train_config": {}, "metrics": {}})
+    rows = [{"prompt": f"Where does person {i} live?", "response": f"In city {i}."} for i in range(40)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = str(tmp_path / "data")
+    r = subprocess.run([sys.executable, "prepare.py", f"--source={tmp_path / 'chats.jsonl'}", f"--dataset={data}",
+                        f"--tokenizer={tmp_path}/ours.pt", "--val_fraction=0.1"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    trainer.check_tokenizer_matches(trainer.load_checkpoint(src), data)  # the stages accept the pair
+    ids = prepare.load_ragged(os.path.join(data, "sft_train.npz"), "ids")
+    want = {tuple(chatty.render_chat([{"role": "user", "content": r["prompt"]},
+                                      {"role": "assistant", "content": r["response"]}])[0]) for r in rows}
+    assert len(ids) >= 30 and all(tuple(x.tolist()) in want for x in ids)
+    assert chatty.decode(ids[0]).startswith("system\nBe kind.")
+
+
 def test_q_k_row_permutation_is_llama_cpps_and_inverts(tok):
     # llama.cpp: head rows (0..d/2-1 | d/2..d-1) -> interleaved (0, d/2, 1, d/2+1, ...); written out by hand
     w = torch.arange(8.0)[:, None].expand(8, 3)  # 2 heads of head_dim 4, 3 input features

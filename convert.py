@@ -24,7 +24,6 @@ undoes that and the export redoes it.
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -181,7 +180,8 @@ def gguf_tokenizer(reader, where):
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, ty in zip(tokens, types) if ty == GGUF_TOKEN_CONTROL])
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_TOKEN_USER_DEFINED]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == GGUF_TOKEN_USER_DEFINED]
     if user:
         tk.add_tokens(user)
     return tk, tokens

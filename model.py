@@ -561,10 +561,12 @@ def from_hf_llama_config(hf):
     if d.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "only 'silu' (SwiGLU) is implemented")
     # transformers 4 wrote rope_theta and rope_scaling; transformers 5 folds both into rope_parameters
-    if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) != "default":
+    scaling = d.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
         refuse("rope_scaling", "scaled RoPE is not implemented (only plain RoPE)")
     rope = d.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
         refuse("rope_parameters", "scaled or partial RoPE is not implemented (only plain RoPE with rope_theta)")
     if d.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("partial_rotary_factor", "RoPE on part of each head is not implemented")

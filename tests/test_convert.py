@@ -344,7 +344,8 @@ def test_export_to_gguf_round_trips_through_our_import_and_transformers(tok, tmp
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ref, atol=1e-5, rtol=0)
     htok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
-    assert htok.encode("the capital of 北京 🙂", add_special_tokens=False) == tok.encode("the capital of 北京 🙂")
+    text = "the capital of 北京 🙂"
+    assert htok.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])

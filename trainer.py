@@ -161,7 +161,7 @@ def check_resume_config(saved, cfg, where, keys=None):
         if isinstance(was, (list, tuple)) and isinstance(now, (list, tuple)):
             was, now = tuple(was), tuple(now)
         if was != now:
-            raise UserError(f"--resume=True: {where} was trained with --{key}={was!r}, not --{key}={now!r}; a "
+            raise UserError(f"--resume=True: {where} was trained with --{key}={was}, not --{key}={now}; a "
                             f"resumed run keeps the settings that shape it (start a new --out_dir to change it)")
 
 

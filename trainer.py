@@ -16,8 +16,10 @@ A stage script stays "config constants, data, loss, call the loop":
         model = ...                                           # an nn.Module on rt.device
         def get_batch(split, k): ...                          # k-th micro-batch of 'train' or 'val'
                                                               # (shuffled_batch / ordered_batch pick the items)
-        def loss_fn(model, batch): ...                        # -> (loss, {"pref_accuracy": ..., ...})
-        metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage='sft',
+        def count(batch): ...                                 # -> {"tokens": answer tokens} (or {"pairs": n})
+        def loss_fn(model, batch, totals): ...                # -> (sum of token losses / totals["tokens"],
+                                                              #     {"pref_accuracy": ..., ...})
+        metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage='sft', count=count,
                                 checkpoint_entries=lambda: trainer.model_entries(model, tokenizer))
         print(json.dumps(metrics))
     if __name__ == '__main__':

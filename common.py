@@ -3,7 +3,6 @@ The leaf every module may import; it imports nothing of the project. Errors and 
 configure), device and precision (Runtime, setup), data set paths, atomic writes, checkpoint files, RNG state.
 """
 import ast
-import atexit
 import os
 import random
 import sys
@@ -24,7 +23,10 @@ class UserError(Exception):
 
 def cli(main):
     """Run a stage's main(): a UserError becomes `error: <message>` on stderr and exit status 2, without a
-    traceback; Ctrl-C outside the training loop (which saves and exits on its own) becomes exit status 130."""
+    traceback; Ctrl-C outside the training loop (which saves and exits on its own) becomes exit status 130.
+    Under torchrun, a main() that returns waits for every process to return too, then closes the process group:
+    a process that left (and tore its connections down) while another was still evaluating or printing could
+    abort that one at exit. On an error there is no waiting: the process exits, and torchrun stops the others."""
     try:
         main()
     except UserError as e:
@@ -34,6 +36,9 @@ def cli(main):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,8 +235,7 @@ def setup(device="auto", dtype="auto", seed=1337, compile="auto"):
         compile = device_type == "cuda"
 
     if ddp and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")  # cli() closes it
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import prepare
 import trainer
+from model import disable_dropout
 
 # -----------------------------------------------------------------------------
 dataset = 'world'
@@ -137,6 +138,8 @@ def main():
     cfg["beta"] = beta_ = beta or DEFAULT_BETA[loss_type]
     rt = trainer.setup(device, dtype, seed, compile)
     model, tokenizer, init, resume_from, trainable = trainer.init_finetune(cfg, "dpo", ("sft", "dpo", "ppo"))
+    # no dropout: the policy's log-probs are compared with the reference's (equal at the start: loss log 2)
+    disable_dropout(model)
     cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
     model.to(rt.device)
 
@@ -167,7 +170,10 @@ def main():
                                                    [r[1] for r in rows] + [r[3] for r in rows], tokenizer.pad_id)
         return rt.to_device(x), rt.to_device(y), rt.to_device(loss_mask)
 
-    def loss_fn(model_, batch):
+    def count(batch):
+        return {"pairs": batch[0].shape[0] // 2}  # every term of the loss is a mean over pairs
+
+    def loss_fn(model_, batch, totals):
         x, y, loss_mask = batch
         B = x.shape[0] // 2
         mask = loss_mask.float()
@@ -190,13 +196,15 @@ def main():
         if evaluating:  # exact KL(policy || reference) at every token of the chosen replies, summed per reply
             lp, lq = F.log_softmax(logits[:B].float(), -1), F.log_softmax(ref_logits[:B].float(), -1)
             metrics["kl"] = ((lp.exp() * (lp - lq)).sum(-1) * mask[:B]).sum(-1).mean()
-        loss = losses.mean()
+        # every term is a mean over pairs (the RPO term too: each chosen reply's NLL per token, as in Pang et al.
+        # 2024), taken over all pairs of the step: sums over this batch divided by the step's number of pairs
+        loss = losses.sum()
         if rpo_alpha:  # DPO alone may lower the chosen reply's likelihood too, as long as rejected falls faster
-            loss = loss - rpo_alpha * (logps[:B] / n[:B]).mean()
-        return loss + aux_loss, metrics
+            loss = loss - rpo_alpha * (logps[:B] / n[:B]).sum()
+        return (loss + aux_loss * B) / totals["pairs"], metrics
 
     evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
-    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", evaluate=evaluate,
+    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)
     trainer.finish_finetune(model, out_dir, "dpo", evaluate.samples, metrics, rt.master)

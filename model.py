@@ -455,6 +455,21 @@ class GPT(nn.Module):
             self.train(was_training)
 
 
+def disable_dropout(model):
+    """Switch every dropout of `model` off for good, in training mode too: each nn.Dropout (embedding, residual,
+    MLP, and a LoRA adapter's input dropout) and the attention-weight dropout of SDPA. Stages that compare
+    log-probabilities of the same tokens from two passes (DPO against its reference, PPO/GRPO against the
+    rollout's old log-probs) need this: with dropout on, a policy equal to its reference would already differ
+    from it (the PPO ratio would not start at 1). TRL does the same. The model's config keeps its dropout, so the
+    next stage that trains with it (SFT) still can. Returns the model."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, Attention):
+            m.dropout = 0.0
+    return model
+
+
 class ScoreModel(nn.Module):
     """A GPT trunk with a scalar head on its final hidden states: one number per position. The reward model reads it
     at each sequence's last real token (score); the PPO critic at every response token (values). The trunk's own

@@ -41,7 +41,7 @@ import prepare
 import rl
 import trainer
 import world
-from model import GREEDY_BELOW, check_sampling
+from model import GREEDY_BELOW, check_sampling, disable_dropout
 
 # -----------------------------------------------------------------------------
 dataset = 'world'
@@ -135,10 +135,13 @@ def main():
     dev = rt.device
 
     policy, tokenizer, init, resume_from, trainable = trainer.init_finetune(cfg, "ppo", ("sft", "dpo", "ppo"))
-    policy.to(dev)
+    # no dropout: the update's log-probs are compared with the rollout's (ratio 1 before any update) and the
+    # reference's, and the critic's values with the rollout's (value clipping)
+    disable_dropout(policy).to(dev)
     reference_logits = trainer.frozen_reference(policy, init, finetune, dev)
     rm = rl.load_reward_model(reward_from, dev, tokenizer) if rm_weight else None
-    critic = rl.make_critic(init, rm, resume_from and resume_from["critic"]).to(dev) if algo == "ppo" else None
+    critic = (disable_dropout(rl.make_critic(init, rm, resume_from and resume_from["critic"])).to(dev)
+              if algo == "ppo" else None)
 
     prompts = prepare.load_prompts(dataset, "train")
     max_prompt = cfg["block_size"] - max_new_tokens

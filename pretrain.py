@@ -116,15 +116,18 @@ def main():
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
         return rt.to_device(x), rt.to_device(y)
 
-    def loss_fn(model, batch):
+    def count(batch):
+        return {"tokens": batch[1].numel()}
+
+    def loss_fn(model, batch, totals):
         x, y = batch
-        _, loss = model(x, y)
-        return loss, {}
+        _, loss = model(x, y)  # the mean over this batch's tokens
+        return loss * (y.numel() / totals["tokens"]), {}
 
     def evaluate(model, metrics):
         return {"ppl": math.exp(min(metrics["val_loss"], 700.0))}  # 700: beyond it exp overflows a float
 
-    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="pretrain", evaluate=evaluate,
+    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="pretrain", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)
 

@@ -103,7 +103,12 @@ def main():
         margin = torch.tensor([r[4] for r in rows], dtype=torch.float32)
         return tuple(rt.to_device(t) for t in (idx, lengths, loss_mask, margin))
 
-    def loss_fn(model_, batch):
+    def count(batch):
+        idx, lengths, loss_mask, margin = batch
+        # the pairwise and centring terms are means over pairs, the LM term a mean over chosen-reply tokens
+        return {"pairs": len(margin), **({"tokens": loss_mask[:len(margin), 1:].sum()} if lm_coef else {})}
+
+    def loss_fn(model_, batch, totals):
         idx, lengths, loss_mask, margin = batch
         B = len(margin)
         # one forward over chosen and rejected rows: the scalar at every position (and the LM logits if needed)
@@ -111,12 +116,11 @@ def main():
         rewards = values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
         r_chosen, r_rejected = rewards[:B], rewards[B:]
         diff = r_chosen - r_rejected
-        loss = pairwise_loss(r_chosen, r_rejected, margin, center_coef)
+        # each term's sum over this batch / its total over the step: the loss of one batch of the step's pairs
+        loss = (pairwise_loss(r_chosen, r_rejected, margin, center_coef) + aux_loss) * (B / totals["pairs"])
         if lm_coef:  # next-token loss on the chosen reply only
             logps = trainer.token_logps(logits[:B, :-1], idx[:B, 1:])
-            m = loss_mask[:B, 1:].float()
-            loss = loss - lm_coef * (logps * m).sum() / m.sum().clamp(min=1)
-        loss = loss + aux_loss  # MoE balancing (0 for a dense model or in eval mode)
+            loss = loss - lm_coef * (logps * loss_mask[:B, 1:].float()).sum() / totals["tokens"]
         return loss, {"pair_accuracy": (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean(),
                       "reward_margin": diff.mean(), "reward_chosen": r_chosen.mean(),
                       "reward_rejected": r_rejected.mean()}
@@ -124,8 +128,9 @@ def main():
     def entries():
         return {**trainer.model_entries(model.gpt, tokenizer), "score_head": model.head.state_dict()}
 
-    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="reward", checkpoint_entries=entries,
-                            resume_from=resume_from, best_metric="pair_accuracy", higher_is_better=True)
+    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="reward", count=count,
+                            checkpoint_entries=entries, resume_from=resume_from, best_metric="pair_accuracy",
+                            higher_is_better=True)
     if rt.master:
         print(json.dumps(metrics))
 

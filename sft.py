@@ -95,13 +95,17 @@ def main():
                                                    tokenizer.pad_id)
         return rt.to_device(x), rt.to_device(y), rt.to_device(loss_mask)
 
-    def loss_fn(model, batch):
+    def count(batch):
+        return {"tokens": batch[2].sum()}  # the answer tokens the loss is averaged over
+
+    def loss_fn(model, batch, totals):
         x, y, loss_mask = batch
-        _, loss = model(x, y, loss_mask=loss_mask)
-        return loss, {}
+        _, loss = model(x, y, loss_mask=loss_mask)  # the mean over this batch's answer tokens
+        # x its share of the step's answer tokens: every answer token weighs the same, whatever batch it is in
+        return loss * (loss_mask.sum() / totals["tokens"]), {}
 
     evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
-    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="sft", evaluate=evaluate,
+    metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="sft", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)
     trainer.finish_finetune(model, out_dir, "sft", evaluate.samples, metrics, rt.master)

@@ -16,8 +16,10 @@ A stage script stays "config constants, data, loss, call the loop":
         model = ...                                           # an nn.Module on rt.device
         def get_batch(split, k): ...                          # k-th micro-batch of 'train' or 'val'
                                                               # (shuffled_batch / ordered_batch pick the items)
-        def loss_fn(model, batch): ...                        # -> (loss, {"pref_accuracy": ..., ...})
-        metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage='sft',
+        def count(batch): ...                                 # -> {"tokens": answer tokens} (or {"pairs": n})
+        def loss_fn(model, batch, totals): ...                # -> (sum of token losses / totals["tokens"],
+                                                              #     {"pref_accuracy": ..., ...})
+        metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage='sft', count=count,
                                 checkpoint_entries=lambda: trainer.model_entries(model, tokenizer))
         print(json.dumps(metrics))
     if __name__ == '__main__':
@@ -51,6 +53,7 @@ from common import (POLICY_STAGES, STAGES, Runtime, UserError, cli, config_keys,
                     data_file, dataset_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setup,
                     write_atomic)
 from engine import generate_replies, model_from_checkpoint  # noqa: F401
+from model import disable_dropout
 from prepare import check_tokenizer_matches, load_tokenizer  # noqa: F401
 
 
@@ -140,8 +143,34 @@ def batch_items(split, n_items, batch_size, k, seed):
     return ordered_batch(n_items, batch_size, k)
 
 
+# Settings a resumed run may change: they say how long to run, how often to evaluate or log, where and how fast to
+# compute, what to print. Every other setting changes the run's trajectory (which items are seen, the loss, the
+# model), so a resumed run refuses a new value instead of silently continuing another run.
+RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "eval_iters", "eval_prompts", "eval_max_new_tokens",
+                     "n_samples", "sample_tokens", "sample_prompt", "device", "dtype", "compile", "resume", "out_dir")
+# the settings that decide what is loaded before the loop starts (the weights, the adapters, the data)
+LOADING_KEYS = ("init_from", "dataset", "finetune", "lora_r", "lora_alpha", "lora_dropout", "lora_head")
+
+
+def check_resume_config(saved, cfg, where, keys=None):
+    """UserError naming the first setting of `cfg` (or of `keys`) that differs from `saved`, the train_config of
+    the checkpoint being resumed at `where`, unless it is in RESUME_MAY_CHANGE. Settings the checkpoint does not
+    record (an older version's) are not compared."""
+    for key in keys or cfg:
+        if key in RESUME_MAY_CHANGE or key not in saved or key not in cfg:
+            continue
+        was, now = saved[key], cfg[key]
+        if isinstance(was, (list, tuple)) and isinstance(now, (list, tuple)):
+            was, now = tuple(was), tuple(now)
+        if was != now:
+            raise UserError(f"--resume=True: {where} was trained with --{key}={was}, not --{key}={now}; a "
+                            f"resumed run keeps the settings that shape it (start a new --out_dir to change it)")
+
+
 def resume_checkpoint(cfg, stage):
-    """With --resume=True, the checkpoint to continue from (out_dir/ckpt.pt of this stage); None otherwise."""
+    """With --resume=True, the checkpoint to continue from (out_dir/ckpt.pt of this stage); None otherwise. A
+    setting that decides what is loaded (LOADING_KEYS) and differs from the checkpoint's is a UserError here;
+    train() checks the others once the stage has derived its defaults."""
     if not cfg["resume"]:
         return None
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -150,6 +179,7 @@ def resume_checkpoint(cfg, stage):
     ckpt = load_checkpoint(path, stages=(stage,))
     if "optimizer" not in ckpt:
         raise UserError(f"{path}: has no training state to resume from (it is a final or best checkpoint)")
+    check_resume_config(ckpt.get("train_config", {}), cfg, cfg["out_dir"], keys=LOADING_KEYS)
     return ckpt
 
 
@@ -186,13 +216,8 @@ def init_finetune(cfg, stage, init_stages):
     if cfg["block_size"] > model.config.block_size:
         raise UserError(f"--block_size={cfg['block_size']} exceeds the context of {cfg['init_from']} "
                         f"({model.config.block_size} tokens)")
-    if resume_from is not None:
-        was = resume_from.get("train_config", {}).get("finetune")
-        if was != cfg["finetune"]:
-            raise UserError(f"--resume=True: {cfg['out_dir']} was trained with --finetune={was}, not "
-                            f"--finetune={cfg['finetune']}")
-        if cfg["finetune"] == "full":
-            model.load_state_dict(resume_from["model"])
+    if resume_from is not None and cfg["finetune"] == "full":
+        model.load_state_dict(resume_from["model"])
     line = lora.setup_finetune(model, cfg["finetune"], cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"],
                                cfg["lora_head"])
     if resume_from is not None and cfg["finetune"] != "full":
@@ -210,7 +235,7 @@ def frozen_reference(model, init, finetune, device, nf4=False):
         reference, _ = model_from_checkpoint(init, "cpu")
         if nf4:
             quantize.quantize_model(reference, "nf4")
-        reference = reference.requires_grad_(False).to(device).eval()
+        reference = disable_dropout(reference).requires_grad_(False).to(device).eval()
 
     @torch.no_grad()
     def reference_logits(x):
@@ -412,9 +437,21 @@ def check_train_config(cfg, world_size=1, keys=TRAIN_KEYS):
     need(cfg["min_lr"] <= cfg["learning_rate"], "min_lr", "must not exceed --learning_rate")
     for k in ("beta1", "beta2"):
         need(0 <= cfg[k] < 1, k, "must be in [0, 1)")
-    if "grad_accum" in keys:
+    if "grad_accum" in keys and cfg["grad_accum"] > world_size:  # below it: one micro-batch per process
         need(cfg["grad_accum"] % world_size == 0, "grad_accum", f"must be a multiple of the number of processes "
              f"({world_size}): it counts micro-batches over all of them")
+
+
+def _global_totals(counts, device, ddp=False):
+    """Sum the count dicts of several batches (count(batch) -> {"tokens": n, ...}, ints or integer tensors) and,
+    under DDP, over all processes: {key: float32 0-dim tensor on `device`}, each at least 1, so that a step or an
+    evaluation with nothing counted gives a loss of 0, not NaN."""
+    keys = sorted({k for c in counts for k in c})
+    vec = torch.stack([torch.stack([torch.as_tensor(c.get(k, 0), dtype=torch.long, device=device).reshape(())
+                                    for k in keys]) for c in counts]).sum(0)
+    if ddp:
+        dist.all_reduce(vec)  # SUM over processes
+    return dict(zip(keys, vec.clamp(min=1).float()))
 
 
 def _count_tokens(batch):
@@ -433,16 +470,24 @@ def _scalars(metrics):
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, evaluate=None, resume_from=None,
-          optimizer=None, best_metric="val_loss", higher_is_better=False, step_fn=None, train_state=None,
-          summary_keys=(), log_panels=MetricsLog.LOSS_PANELS, png="loss.png", name=None):
+def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, count=None, evaluate=None,
+          resume_from=None, optimizer=None, best_metric="val_loss", higher_is_better=False, step_fn=None,
+          train_state=None, summary_keys=(), log_panels=MetricsLog.LOSS_PANELS, png="loss.png", name=None):
     """Train `model` and return the metrics of the final evaluation (a dict; also in the checkpoint).
 
     model: an nn.Module already on rt.device (weights loaded when resuming). The loop compiles it (rt.compile)
         and wraps it in DDP under torchrun; checkpoints come from the unwrapped module.
-    loss_fn(model, batch) -> (loss, metrics): loss a scalar tensor; metrics a dict of scalars (floats or 0-dim
-        tensors, same keys every call) averaged over micro-batches and val batches: e.g. DPO's pref_accuracy.
-        It runs under rt.autocast. Call model(...) (its forward) only: that is what DDP synchronises.
+    count(batch) -> dict: what the batch's loss terms are averaged over, e.g. {"tokens": answer tokens counted}
+        for a mean over masked tokens, {"pairs": n} for a mean over preference pairs (ints or integer tensors).
+    loss_fn(model, batch, totals) -> (loss, metrics). totals: count()'s keys summed over every micro-batch of
+        the step in every process (in an evaluation, over its val batches), as float 0-dim tensors. loss: the
+        batch's share of the step's loss, i.e. each term's sum over the batch divided by its total (a token
+        mean: sum of token losses / totals["tokens"]), so that the shares of all micro-batches and processes add
+        up to the loss of one batch of all their items, whatever their lengths: gradient accumulation and DDP
+        give exactly the update of that one batch (the loop sums the shares' gradients; DDP's averaging over
+        processes is undone). metrics: a dict of scalars (floats or 0-dim tensors, same keys every call)
+        averaged over micro-batches and val batches, e.g. DPO's pref_accuracy. It runs under rt.autocast. Call
+        model(...) (its forward) only: that is what DDP synchronises.
     get_batch(split, k) -> batch for loss_fn, on rt.device. split 'train': k counts micro-batches over the
         whole run and all processes (each optimizer step uses grad_accum consecutive k). split 'val': k in
         range(eval_iters), and the same k must give the same batch every time; return None when a finite val
@@ -450,7 +495,9 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         is what makes a resumed run identical to an uninterrupted one and torchrun identical to one process
         with the same global batch (grad_accum x batch_size). tokens/s counts the batch's first tensor.
     cfg: the stage's settings with the keys in TRAIN_KEYS (batch_size = micro-batch per process, grad_accum =
-        micro-batches per optimizer step over all processes); with step_fn, LOOP_KEYS.
+        micro-batches per optimizer step over all processes; below the number of processes, each process takes
+        one micro-batch per step and the run says so); with step_fn, LOOP_KEYS. With resume_from, a setting
+        that differs from the checkpoint's and is not in RESUME_MAY_CHANGE is a UserError.
     stage: the checkpoint's stage name (name: the progress bar's and plot's, default stage). checkpoint_entries()
         -> dict: model_config, model, tokenizer and any extras (e.g. a reward head); see model_entries. The loop
         adds stage, train_config, metrics, step, optimizer, scaler, rng, data_position, best, and train_state()
@@ -471,13 +518,28 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     summary_keys: step-record keys whose mean over the last 10 steps joins each evaluation's metrics (PPO's
         reward_mean and kl). log_panels / png: the plot's panels and file name (MetricsLog).
 
-    Each step: grad_accum micro-batches (no DDP gradient sync until the last), clip at grad_clip (0 = no
-    clipping), optimizer step at lr_at(step). Every eval_interval steps and at the end: val loss over
-    eval_iters batches plus evaluate(), a metrics.jsonl record, the plot, ckpt.pt (last, with the training
-    state) and best.pt (model only) when best_metric improved. Logs train_loss, lr, grad_norm and tokens/s
-    every log_interval steps. Ctrl-C/SIGTERM: finish the step, save ckpt.pt, exit 130/143. A NaN or inf loss:
+    Each step: grad_accum micro-batches (no DDP gradient sync until the last), their counts totalled first,
+    clip at grad_clip (0 = no clipping), optimizer step at lr_at(step); train_loss is the step's whole loss.
+    Every eval_interval steps and at the end: val loss (weighted as in a step) over eval_iters batches
+    plus evaluate(), a metrics.jsonl record, the plot, ckpt.pt (last, with the training state) and best.pt
+    (model only) when best_metric improved. Logs train_loss, lr, grad_norm and tokens/s every log_interval
+    steps. Ctrl-C/SIGTERM: finish the step, save ckpt.pt, exit 130/143. A NaN or inf loss:
     UserError before the optimizer step, so the last checkpoint stays good."""
     check_train_config(cfg, rt.world_size, LOOP_KEYS if step_fn else TRAIN_KEYS)
+    if step_fn is None and count is None:
+        raise TypeError("trainer.train: a stage with loss_fn passes count(batch) too")
+    if step_fn is None and cfg["grad_accum"] < rt.world_size:
+        if rt.master:
+            print(f"note: --grad_accum={cfg['grad_accum']} is less than the {rt.world_size} processes: each process "
+                  f"takes one micro-batch per step (grad_accum {rt.world_size})", file=sys.stderr)
+        cfg = {**cfg, "grad_accum": rt.world_size}  # what the checkpoint records: the run as it trained
+    if resume_from is not None:
+        saved = resume_from.get("train_config", {})
+        check_resume_config(saved, cfg, cfg["out_dir"])
+        if rt.master and not cfg["lr_decay_iters"] and saved.get("max_iters", cfg["max_iters"]) != cfg["max_iters"]:
+            print(f"note: --max_iters={cfg['max_iters']} (was {saved['max_iters']}) with --lr_decay_iters=0 "
+                  f"stretches the learning-rate schedule from here on; set --lr_decay_iters to keep it",
+                  file=sys.stderr)
     out_dir, max_iters = cfg["out_dir"], cfg["max_iters"]
     raw = model.to(rt.device)
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -485,7 +547,8 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         optimizer = make_optimizer(raw, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
                                    rt.device_type)
 
-    step, next_k, tokens_seen, best, metrics = 0, 0, 0, None, {}
+    # history: the recent step records, for summary_keys (the last 10 are kept in the checkpoint)
+    step, next_k, tokens_seen, best, metrics, history = 0, 0, 0, None, {}, []
     if resume_from is not None:
         optimizer.load_state_dict(resume_from["optimizer"])
         if rt.scaler.is_enabled() and resume_from.get("scaler"):  # empty when the run was not in fp16
@@ -493,6 +556,7 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         step, best, metrics = resume_from["step"], resume_from["best"], resume_from["metrics"]
         next_k, tokens_seen = resume_from["data_position"]["next_k"], resume_from["data_position"]["tokens_seen"]
         set_rng_state(resume_from["rng"])
+        history = list(resume_from.get("recent_records", []))
 
     fwd = torch.compile(raw) if rt.compile else raw
     # evaluation runs on `fwd`, never through DDP: its forward would sync buffers across processes
@@ -500,7 +564,6 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
     log = MetricsLog(out_dir, enabled=rt.master, resume_step=step if resume_from is not None else None,
                      title=f"{name or stage}: {out_dir}", panels=log_panels, png=png)
     ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    history = []  # the step records since the start of this process, for summary_keys
 
     def save(path, training_state):
         if not rt.master:
@@ -509,7 +572,8 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         obj.update(stage=stage, train_config=dict(cfg), metrics=metrics, step=step)
         if training_state:
             obj.update(optimizer=optimizer.state_dict(), scaler=rt.scaler.state_dict(), rng=rng_state(), best=best,
-                       data_position={"next_k": next_k, "tokens_seen": tokens_seen}, **(train_state or dict)())
+                       data_position={"next_k": next_k, "tokens_seen": tokens_seen}, recent_records=history[-10:],
+                       **(train_state or dict)())
         save_checkpoint(path, obj)
 
     def run_eval():
@@ -517,21 +581,27 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         raw.eval()
         result = {}
         if get_batch is not None:
-            total, n = None, 0
-            with torch.no_grad():
-                for k in range(cfg["eval_iters"]):
-                    batch = get_batch("val", k)
-                    if batch is None:
-                        break
-                    with rt.autocast:
-                        loss, extra = loss_fn(fwd, batch)
-                    vec = torch.stack([loss.detach().float()] + [torch.as_tensor(v, dtype=torch.float32,
-                                      device=loss.device) for v in extra.values()])
-                    total, n, keys = (vec if total is None else total + vec), n + 1, list(extra)
-            if n == 0:
+            batches = []
+            for k in range(cfg["eval_iters"]):
+                batch = get_batch("val", k)
+                if batch is None:
+                    break
+                batches.append(batch)
+            if not batches:
                 raise UserError(f"{stage}: the validation set is empty (get_batch('val', 0) gave nothing)")
-            values = (total / n).tolist()
-            result = {"val_loss": values[0], **dict(zip(keys, values[1:]))}
+            # the same weighting as a training step: one loss over all the val batches' items
+            totals = _global_totals([count(b) for b in batches], rt.device)
+            loss_sum, extra_sum = None, None
+            with torch.no_grad():
+                for batch in batches:
+                    with rt.autocast:
+                        loss, extra = loss_fn(fwd, batch, totals)
+                    vec = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device).reshape(())
+                                       for v in extra.values()]) if extra else torch.zeros(0, device=loss.device)
+                    loss_sum = loss.detach().float() + (0 if loss_sum is None else loss_sum)
+                    extra_sum = vec if extra_sum is None else extra_sum + vec
+            values = (extra_sum / len(batches)).tolist()
+            result = {"val_loss": loss_sum.item(), **dict(zip(extra, values))}
         if evaluate is not None:
             result.update(evaluate(raw, dict(result)))
         raw.train()
@@ -555,26 +625,30 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
             save(best_path, training_state=False)
 
     def batch_step(step, stop):
-        # grad_accum micro-batches of loss_fn, one optimizer step; the one host sync of the step is the
-        # all-reduce of the mean loss and metrics over all processes, the grad norm and the Ctrl-C flag
+        # grad_accum micro-batches of loss_fn, one optimizer step. The micro-batches are fetched and counted first:
+        # each loss_fn call then divides its sums by the step's global totals, so the summed gradients are those of
+        # one batch of every item of the step. Host syncs: the all-reduce of the counts (under DDP), and that of
+        # the loss, metrics, grad norm and Ctrl-C flag.
         nonlocal next_k
         accum_here = cfg["grad_accum"] // rt.world_size  # micro-batches per step in this process
-        loss_sum, extra_sum, ntok = torch.zeros((), device=rt.device), {}, 0
-        for micro in range(accum_here):
-            batch = get_batch("train", next_k + rt.rank * accum_here + micro)
-            ntok += _count_tokens(batch)
+        batches = [get_batch("train", next_k + rt.rank * accum_here + micro) for micro in range(accum_here)]
+        totals = _global_totals([count(b) for b in batches], rt.device, rt.ddp)
+        loss_sum, extra_sum = torch.zeros((), device=rt.device), {}
+        for micro, batch in enumerate(batches):
             # gradients are all-reduced once per step, on the last micro-batch, not on every backward
             last = micro == accum_here - 1
             with (ddp_model.no_sync() if rt.ddp and not last else nullcontext()):
                 with rt.autocast:
-                    loss, extra = loss_fn(ddp_model, batch)
-                rt.scaler.scale(loss / accum_here).backward()
+                    loss, extra = loss_fn(ddp_model, batch, totals)
+                # DDP averages the gradients over processes; the shares of all processes are to be summed
+                rt.scaler.scale(loss * rt.world_size).backward()
             loss_sum += loss.detach().float()
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach()
         rt.scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf)
-        stats = torch.stack([loss_sum / accum_here, grad_norm.float().to(loss_sum.device),
+        # loss: summed (each process holds its shares of the one loss); the rest: averaged over processes
+        stats = torch.stack([loss_sum * rt.world_size, grad_norm.float().to(loss_sum.device),
                              torch.tensor(1.0 if stop.signum else 0.0, device=loss_sum.device)]
                             + [(v / accum_here).to(loss_sum.device) for v in extra_sum.values()])
         if rt.ddp:
@@ -590,7 +664,7 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, eval
         next_k += cfg["grad_accum"]
         record = {"train_loss": train_loss, "grad_norm": norm,
                   **{f"train_{k}": v for k, v in zip(extra_sum, extra_means)}}
-        return record, ntok * rt.world_size, bool(stopping)
+        return record, sum(_count_tokens(b) for b in batches) * rt.world_size, bool(stopping)
 
     step_fn = step_fn or batch_step
     if resume_from is None and rt.master and os.path.exists(ckpt_path):

@@ -72,3 +72,16 @@ def reward_ckpt(world_data, sft_ckpt, tmp_path_factory):
     ok(run_script("reward_model.py", f"--dataset={world_data}", f"--init_from={sft_ckpt}", f"--out_dir={out}",
                   *TINY_STAGE, "--batch_size=16", "--max_iters=30", "--eval_interval=30", "--learning_rate=2e-3"))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def dropout_sft_ckpt(sft_ckpt, tmp_path_factory):
+    """The SFT checkpoint as if its model had been pretrained with --dropout=0.1 (its config carries it on)."""
+    import torch
+    ckpt = torch.load(os.path.join(sft_ckpt, "ckpt.pt"), map_location="cpu", weights_only=True)
+    ckpt["model_config"]["dropout"] = 0.1
+    for key in ("optimizer", "scaler", "rng", "data_position", "best", "recent_records"):
+        ckpt.pop(key, None)
+    path = tmp_path_factory.mktemp("ckpt") / "sft_dropout.pt"
+    torch.save(ckpt, path)
+    return str(path)

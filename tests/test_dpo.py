@@ -165,3 +165,46 @@ def test_a_reward_checkpoint_is_refused_as_a_policy(world_data, reward_ckpt, tmp
     one_line_error(r, "a reward model checkpoint cannot be used as a policy")
     for bad, fragment in (("--loss_type=kto", "--loss_type"), ("--label_smoothing=0.7", "--label_smoothing")):
         one_line_error(run_script("dpo.py", *dpo_args(world_data, reward_ckpt, tmp_path / "x", bad)), fragment)
+
+
+@pytest.mark.parametrize("loss_type,first_loss", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2),
+                                                  ("hinge", 1.0)])
+def test_dropout_is_off_in_dpo_so_the_first_step_starts_from_the_reference(world_data, dropout_sft_ckpt, tmp_path,
+                                                                            loss_type, first_loss):
+    # a policy pretrained with --dropout=0.1 kept dropout in its training passes while the reference ran without:
+    # the first training loss was 0.7101 (not log 2) and preference accuracy 0.375 against a policy equal to its
+    # reference. Ties (equal implicit rewards) count half, as in TRL, so the start is exactly 0.5.
+    out = tmp_path / loss_type
+    lora = ["--finetune=lora", "--lora_dropout=0.1"] if loss_type == "ipo" else []  # the adapters' dropout too
+    ok(run_script("dpo.py", *dpo_args(world_data, dropout_sft_ckpt, out, "--max_iters=1", "--eval_interval=1",
+                                      "--eval_prompts=0", "--rpo_alpha=0", f"--loss_type={loss_type}", *lora)))
+    step = read_log(out)[1]
+    assert step["step"] == 1
+    assert step["train_loss"] == pytest.approx(first_loss, rel=1e-6)
+    assert step["train_pref_accuracy"] == 0.5 and step["train_reward_margin"] == 0.0
+
+
+def test_dpo_gradient_accumulation_is_exact_for_its_per_pair_losses(world_data, sft_ckpt, tmp_path):
+    # DPO's loss and its RPO term are means over pairs (the RPO term of each chosen reply's per-token NLL): weighting
+    # each micro-batch by its pairs makes 4 x 2 the update of 8 x 1 whatever the replies' lengths
+    common = ["--max_iters=1", "--eval_interval=1", "--eval_prompts=0", "--warmup_iters=0", "--grad_clip=0",
+              "--rpo_alpha=1.0", "--eval_iters=1"]
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, tmp_path / "a", *common, "--batch_size=8")))
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, tmp_path / "b", *common, "--batch_size=4",
+                                      "--grad_accum=2")))
+    a, b = read_log(tmp_path / "a")[1], read_log(tmp_path / "b")[1]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+
+
+def test_dpo_resume_refuses_a_setting_that_changes_the_run(world_data, sft_ckpt, tmp_path):
+    out = tmp_path / "run"
+    common = ["--eval_prompts=0", "--eval_interval=1"]
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=1", *common)))
+    for bad, was, now in (("--beta=0.5", "--beta=0.1", "--beta=0.5"), ("--grad_accum=2", "--grad_accum=1",
+                                                                         "--grad_accum=2"),
+                          ("--finetune=lora", "--finetune=full", "--finetune=lora")):
+        r = run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=2", "--resume=True", bad,
+                                           *common))
+        one_line_error(r, was, now)
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=2", "--resume=True", *common)))

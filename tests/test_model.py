@@ -521,6 +521,24 @@ def test_dropout_only_in_training_mode():
     assert not torch.equal(m(idx)[0], m(idx)[0])
 
 
+def test_disable_dropout_makes_training_passes_equal_eval_passes_lora_included():
+    # DPO and PPO compare log-probs of a training pass with those of an eval pass (reference, rollout): a model
+    # pretrained with dropout must give the same numbers in both, its LoRA adapters' dropout included
+    import lora
+    from model import disable_dropout
+    m = make(tiny(dropout=0.2))
+    lora.apply_lora(m, r=4, alpha=8.0, dropout=0.3)
+    for _, layer in lora.lora_layers(m):  # B starts at 0, which would hide the adapters' dropout
+        torch.nn.init.normal_(layer.lora_B)
+    idx = torch.randint(0, 97, (2, 12))
+    m.train()
+    assert not torch.equal(m(idx)[0], m(idx)[0])
+    want = m.eval()(idx)[0]
+    disable_dropout(m).train()
+    assert torch.equal(m(idx)[0], want) and torch.equal(m(idx)[0], want)
+    assert m.config.dropout == 0.2  # the config keeps it for a later stage that trains with dropout
+
+
 def test_generate_restores_training_mode_and_rejects_too_long_requests():
     m = make(tiny(dropout=0.1))
     m.train()

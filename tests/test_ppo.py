@@ -100,3 +100,29 @@ def test_a_resumed_run_matches_an_uninterrupted_one(world_data, sft_ckpt, reward
     for k in a["critic"]:
         torch.testing.assert_close(a["critic"][k], b["critic"][k])
     assert a["kl_coef"] == pytest.approx(b["kl_coef"]) and "scaler" in b
+    # what the run reports is restored too: the summary of the last steps' rewards spans the resume
+    assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-5, abs=1e-7)
+    # and a setting that changes the run is refused, naming it
+    r = run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=6", "--resume=True",
+                                       *common, "--batch_size=8"))
+    one_line_error(r, "--batch_size=4", "--batch_size=8")
+    r = run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=6", "--resume=True",
+                                       *common, "--clip_range=0.1"))
+    one_line_error(r, "--clip_range=0.2", "--clip_range=0.1")
+
+
+@pytest.mark.parametrize("algo,extra", [("ppo", []), ("grpo", ["--group_size=4", "--finetune=lora",
+                                                                 "--lora_dropout=0.1"])])
+def test_dropout_is_off_so_the_first_ratio_is_exactly_one(world_data, dropout_sft_ckpt, reward_ckpt, tmp_path,
+                                                          algo, extra):
+    # old log-probs came from an eval-mode pass and the update's from a train-mode pass with the dropout of a
+    # model pretrained with --dropout=0.1: before any update the ratio ranged 0.40-2.26 and 18% of the tokens
+    # were clipped. One epoch over one minibatch: everything logged is measured before the update.
+    out = tmp_path / algo
+    ok(run_script("ppo.py", *ppo_args(world_data, dropout_sft_ckpt, reward_ckpt, out, f"--algo={algo}",
+                                      "--max_iters=1", "--batch_size=8", "--minibatch_size=8", "--ppo_epochs=1",
+                                      "--eval_prompts=0", "--eval_interval=1", *extra)))
+    step = next(r for r in read_log(out) if "clip_frac" in r)
+    assert step["clip_frac"] == 0.0
+    if algo == "ppo":  # ratio 1 everywhere: the loss is minus the mean whitened advantage, 0
+        assert abs(step["policy_loss"]) < 1e-6

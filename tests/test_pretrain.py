@@ -190,3 +190,29 @@ def test_presets_are_valid_settings_of_the_sizes_they_claim(preset, vocab, milli
     assert millions[0] <= model.num_params() / 1e6 <= millions[1]
     trainer.check_train_config({k: g[k] for k in trainer.config_keys(g)})
     importlib.reload(pretrain)
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_torchrun_with_the_default_grad_accum_runs_and_ends_cleanly_every_time(data, tmp_path):
+    # `torchrun --standalone --nproc_per_node=2 pretrain.py` stopped with "--grad_accum=1: must be a multiple of
+    # the number of processes (2)", and a 2-process run could abort at exit ("terminate called without an active
+    # exception") when one process closed the process group while rank 0 was still evaluating and printing
+    args = ["--max_iters=2", "--eval_interval=2", "--eval_iters=1"]  # grad_accum: the default, 1
+    one = run_pretrain(data, tmp_path / "one", *args, "--grad_accum=2")
+    assert one.returncode == 0, one.stderr
+    for i in range(3):
+        out = tmp_path / f"two{i}"
+        r = run_pretrain(data, out, *args, launcher=TORCHRUN)  # rank 0 also samples text after training
+        assert r.returncode == 0, r.stderr
+        assert "terminate called" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.count("each process takes one micro-batch per step") == 1, r.stderr
+        # the run it did: 2 micro-batches per step, one per process, as one process with --grad_accum=2
+        assert trainer.load_checkpoint(str(out))["train_config"]["grad_accum"] == 2
+        assert log(out)[1]["train_loss"] == pytest.approx(log(tmp_path / "one")[1]["train_loss"], rel=1e-6)
+        assert r.stdout.strip().splitlines()[-1] == one.stdout.strip().splitlines()[-1]
+    # a setting that cannot be honoured is the clear error, and nothing hangs
+    r = run_pretrain(data, tmp_path / "bad", *args, "--grad_accum=3", launcher=TORCHRUN)
+    assert r.returncode != 0
+    assert "error: --grad_accum=3: must be a multiple of the number of processes (2)" in r.stderr, r.stderr

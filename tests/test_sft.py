@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 import lora
 import prepare
 import trainer
-from conftest import TINY_STAGE, ok, one_line_error, read_log, run_script
+from conftest import ENV, ROOT, TINY_STAGE, ok, one_line_error, read_log, run_script
 from model import GPT, ModelConfig
 
 
@@ -166,3 +168,62 @@ def test_bad_input_is_a_clear_error(world_data, pretrained, reward_ckpt, tmp_pat
     for extra, fragment in cases:
         r = run_script("sft.py", *sft_args(world_data, pretrained, tmp_path / "out", "--max_iters=1", *extra))
         one_line_error(r, fragment)
+
+
+# ------------------------------------------------------------------------------------------------ accumulation, DDP
+
+def test_sft_gradient_accumulation_and_torchrun_weight_every_answer_token_alike(world_data, pretrained, tmp_path):
+    # the loss, a mean over answer tokens, was averaged per micro-batch and then over micro-batches and processes:
+    # a micro-batch with few answer tokens weighed as much as one with many, so 4 x 2 and 2 processes x 4 trained
+    # another loss than 8 x 1 of the same conversations (5.4569 against 5.3674 in one example)
+    common = ["--max_iters=1", "--warmup_iters=0", "--grad_clip=0", "--seed=1", "--eval_prompts=0",
+              "--eval_interval=1", "--eval_iters=1"]
+    runs = {"8x1": ([], ["--batch_size=8"]), "4x2": ([], ["--batch_size=4", "--grad_accum=2"]),
+            "2 processes x 4": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                                ["--batch_size=4", "--grad_accum=2"])}
+    logs = {}
+    for name, (launcher, extra) in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        args = sft_args(world_data, pretrained, out, *common, *extra)
+        cmd = (launcher or [sys.executable]) + ["sft.py", *args]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        ok(r)
+        logs[name] = read_log(out)[1]
+    # the conversations of the step have unequal answer lengths, so the mistake would show
+    _, _, masks = prepare.load_sft(world_data, "train")
+    pick = trainer.shuffled_batch(len(masks), 8, 0, 1)
+    lengths = [int(np.asarray(masks[i]).sum()) for i in pick]
+    assert sum(lengths[:4]) != sum(lengths[4:]), lengths
+    want = logs["8x1"]
+    for name in ("4x2", "2 processes x 4"):
+        assert logs[name]["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6), name
+        assert logs[name]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-6), name
+        assert logs[name]["tokens"] == want["tokens"]
+    weights = {name: torch.load(tmp_path / name.replace(" ", "_") / "ckpt.pt", weights_only=True)["model"]
+               for name in runs}
+    for name in ("4x2", "2 processes x 4"):
+        for k, w in weights["8x1"].items():
+            torch.testing.assert_close(weights[name][k], w, rtol=0, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def test_sft_resume_continues_at_the_next_item_or_refuses_a_changed_batch(world_data, pretrained, tmp_path):
+    # 2 steps at batch 4, then --resume=True --batch_size=8 skipped items 8-15 of the epoch without a word
+    common = ["--eval_interval=2", "--lr_decay_iters=4", "--eval_prompts=4", "--batch_size=4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    want = ok(run_script("sft.py", *sft_args(world_data, pretrained, full, "--max_iters=4", *common)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=2", *common)))
+    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
+                                       "--batch_size=8"))
+    one_line_error(r, "--batch_size=4", "--batch_size=8")
+    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
+                                       "--seed=7"))
+    one_line_error(r, "--seed=1337", "--seed=7")
+    # what may change (how long, how often to evaluate and log, the device) does not stop it
+    got = ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
+                                            "--log_interval=2")))
+    assert got == want  # the final JSON line
+    a, b = (trainer.load_checkpoint(str(d), stages=("sft",)) for d in (full, cut))
+    assert a["metrics"] == b["metrics"] and a["data_position"] == b["data_position"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

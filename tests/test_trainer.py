@@ -172,19 +172,24 @@ def get_batch(split, k, batch_size=4, T=16):
     return x, y
 
 
-def lm_loss(model, batch):
+def count_tokens(batch):
+    return {"tokens": batch[1].numel()}
+
+
+def lm_loss(model, batch, totals):
     _, loss = model(*batch)
-    return loss, {"first_token_loss": loss.detach() * 0 + 1.0}
+    return loss * (batch[1].numel() / totals["tokens"]), {"first_token_loss": loss.detach() * 0 + 1.0}
 
 
-def run_loop(cfg, model=None, resume_from=None, batches=get_batch, loss_fn=lm_loss, seed=0, dropout=0.1):
+def run_loop(cfg, model=None, resume_from=None, batches=get_batch, loss_fn=lm_loss, seed=0, dropout=0.1,
+             count=count_tokens):
     rt = trainer.setup("cpu", seed=seed, compile=False)
     model = model or tiny_gpt(dropout=dropout, seed=seed)
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
     entries = lambda: {"model_config": model.config.to_dict(), "model": model.state_dict(), "tokenizer": "{}"}  # noqa
     metrics = trainer.train(model, loss_fn, batches, cfg, rt, stage="pretrain", checkpoint_entries=entries,
-                            resume_from=resume_from, evaluate=lambda m, met: {"ppl": math.exp(met["val_loss"])})
+                            count=count, resume_from=resume_from, evaluate=lambda m, met: {"ppl": math.exp(met["val_loss"])})
     return model, metrics
 
 
@@ -277,8 +282,8 @@ def test_resume_needs_an_existing_checkpoint(tmp_path):
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
-    def nan_at_step_6(model, batch):
-        loss, extra = lm_loss(model, batch)
+    def nan_at_step_6(model, batch, totals):
+        loss, extra = lm_loss(model, batch, totals)
         nan_at_step_6.calls += 1
         return (loss * float("nan") if nan_at_step_6.calls > 5 * 2 + 2 else loss), extra  # 2 micro-batches a step
     nan_at_step_6.calls = 0
@@ -309,9 +314,62 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
 
 
+def masked_batch(split, k, batch_size=4, T=16):
+    """An SFT-like batch: each row counts only its last `length` targets, lengths unequal (1..T)."""
+    x, y = get_batch(split, k, batch_size, T)
+    lengths = torch.as_tensor(np.random.default_rng([7, split == "val", k]).integers(1, T + 1, batch_size))
+    return x, y, (torch.arange(T)[None] >= T - lengths[:, None]).long()
+
+
+def count_answer_tokens(batch):
+    return {"tokens": batch[2].sum()}
+
+
+def masked_loss(model, batch, totals):
+    x, y, mask = batch
+    _, loss = model(x, y, loss_mask=mask)
+    return loss * (mask.sum() / totals["tokens"]), {}
+
+
+def test_grad_accumulation_weights_micro_batches_by_their_counted_tokens(tmp_path):
+    # a mean over masked tokens averaged per micro-batch, then again over micro-batches, gave a micro-batch with
+    # few answer tokens the weight of one with many: 4 x 2 trained another loss than 8 x 1 of the same rows
+    def big_batch(split, k):
+        a, b = masked_batch(split, 2 * k), masked_batch(split, 2 * k + 1)
+        return tuple(torch.cat([u, v]) for u, v in zip(a, b))
+    kw = dict(max_iters=2, eval_iters=1, grad_clip=0.0)
+    run = lambda out, batches, **cfg: run_loop(loop_cfg(tmp_path / out, **{**kw, **cfg}), batches=batches,  # noqa
+                                               loss_fn=masked_loss, count=count_answer_tokens, dropout=0.0)
+    m1, _ = run("a", masked_batch)
+    m2, _ = run("b", big_batch, grad_accum=1, batch_size=8)
+    # by hand: the first step's loss is the mean over all 8 rows' counted tokens under the initial model
+    x, y, mask = big_batch("train", 0)
+    model0 = tiny_gpt(seed=0)
+    nll = torch.nn.functional.cross_entropy(model0(x)[0].transpose(1, 2), y, reduction="none")
+    want = ((nll * mask).sum() / mask.sum()).item()
+    halves = [((nll[i] * mask[i]).sum() / mask[i].sum()).item() for i in (slice(0, 4), slice(4, 8))]
+    assert abs(sum(halves) / 2 - want) > 5e-4, "the rows' answer lengths must differ enough to tell"
+    for out in ("a", "b"):
+        assert read_log(tmp_path / out)[1]["train_loss"] == pytest.approx(want, rel=1e-6)
+    for step in (1, 2):
+        a, b = read_log(tmp_path / "a")[step], read_log(tmp_path / "b")[step]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    # the validation loss is weighted the same way over its batches
+    vx, vy, vmask = (torch.cat([u, v]) for u, v in zip(masked_batch("val", 0), masked_batch("val", 1)))
+    vnll = torch.nn.functional.cross_entropy(model0(vx)[0].transpose(1, 2), vy, reduction="none")
+    run("c", masked_batch, eval_iters=2, max_iters=1)
+    assert read_log(tmp_path / "c")[0]["val_loss"] == pytest.approx(((vnll * vmask).sum() / vmask.sum()).item(),
+                                                                    rel=1e-6)
+
+
 def test_config_errors_are_user_errors(tmp_path):
     with pytest.raises(trainer.UserError, match="grad_accum.*multiple of the number of processes"):
         trainer.check_train_config(loop_cfg(tmp_path, grad_accum=3), world_size=2)
+    # fewer micro-batches than processes is not an error: each process then takes one per step
+    trainer.check_train_config(loop_cfg(tmp_path, grad_accum=1), world_size=2)
     with pytest.raises(trainer.UserError, match="min_lr"):
         trainer.check_train_config(loop_cfg(tmp_path, min_lr=1.0))
 

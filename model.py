@@ -146,6 +146,22 @@ class CacheSlot:
         return self.cache.k[layer], self.cache.v[layer]
 
 
+def decode_attention(q, k, v, mask):
+    """Attention of one query per row over a whole preallocated cache: q (B, n_head, 1, head_dim), k and v
+    (B, n_kv_head, L, head_dim), mask (B, 1, 1, L) bool (True = attend) -> (B, n_head, 1, head_dim). The same
+    softmax(q k^T / sqrt(head_dim)) v as F.scaled_dot_product_attention, written as products and sums that
+    torch.compile fuses into a few loops: for a single query, SDPA's CPU kernel is an opaque call whose fixed cost
+    outweighs its work (the compiled step ran 1.17x faster at batch 32 this way)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    # sums in fp32 whatever the autocast dtype, as SDPA's kernels accumulate; the casts fuse into the same loops
+    qf = q.float().view(B, Hkv, H // Hkv, 1, D)                # each K/V head serves H / Hkv query heads (GQA)
+    scores = (qf * k[:, :, None].float()).sum(-1) * D ** -0.5  # (B, Hkv, H/Hkv, L)
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return (probs[..., None] * v[:, :, None].float()).sum(-2).view(B, H, 1, D).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -166,6 +182,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos + T, head_dim)
+        if isinstance(cache, CacheSlot):  # the compiled decode step
+            y = decode_attention(q, k, v, mask)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         # SDPA picks flash / memory-efficient kernels; enable_gqa lets each K/V head serve n_head/n_kv_head queries
         # without materialising repeated copies
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,

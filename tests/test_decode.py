@@ -97,3 +97,14 @@ def test_decoding_is_eager_where_compiling_is_unavailable(capfd):
     idx = torch.tensor([[1, 2, 3]])
     assert torch.equal(moe.generate(idx, 5, temperature=0, compile=True), moe.generate(idx, 5, temperature=0))
     assert "decoding eagerly: a Mixture-of-Experts step" in capfd.readouterr().err
+
+
+def test_decode_attention_matches_sdpa_with_grouped_heads_and_a_mask():
+    # the compiled step's written-out attention against PyTorch's own: a wrong GQA head grouping (query head h
+    # must use K/V head h // (n_head / n_kv_head), as enable_gqa does) or scale would differ here
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    mask = torch.rand(3, 1, 1, 10) > 0.4
+    mask[..., 0] = True  # every row attends somewhere
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(model.decode_attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)

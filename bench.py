@@ -10,6 +10,7 @@ and achieved FLOP/s against a plain matmul's.
     python bench.py --sections=quant # NF4 storage and QLoRA's training memory against full fine-tuning
     python bench.py --sections=serve # serve.py's aggregate tokens/s under concurrent clients against one in series
     python bench.py --sections=decode  # the compiled decode step against eager and transformers, and its warm-up
+    python bench.py --sections=stages  # whole stages' decoding (evaluation, rollouts, chat), eager vs compiled
 
 Prints a table per section and, last, one JSON line with every figure. Timings are the best of several
 repeats (other processes only ever add time), with ours and the reference interleaved so that a burst of load
@@ -55,6 +56,9 @@ DECODE_MODELS = {"cpu preset": dict(vocab_size=6400, block_size=256, n_layer=4, 
                  "bench model": BENCH_MODEL}
 DECODE_BATCHES = (1, 32)
 ROLLOUT_BATCH, ROLLOUT_TOKENS = 32, 40   # ppo.py --algo=grpo: batch_size 32 (4 prompts x 8), max_new_tokens 40
+# whole stages' decoding, compile included: an evaluation (640 prompts, batches of 32, 40 new tokens: the stages'
+# exact-match defaults), a GRPO run's rollouts (60 steps) and one chat reply (generate.py's 256 tokens)
+STAGE_EVAL_PROMPTS, STAGE_ROLLOUT_STEPS, STAGE_CHAT_TOKENS = 640, 60, 256
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -539,7 +543,68 @@ def bench_decode(args):
     return rows, f
 
 
-SECTIONS = {"model": bench_model, "decode": bench_decode, "quant": bench_quant, "serve": bench_serve}
+# ----------------------------------------------------------------------------------------------------------------
+# section: whole stages' decoding, eager against compiled with its warm-up, each in a fresh process
+
+def stage_decode_seconds(stage, compile, quick, threads):
+    """Run in a fresh process (nothing compiled yet; its own empty inductor cache): the decoding of one stage on
+    the pipeline's model with random weights, which never stops early (a trained model's replies stop sooner,
+    leaving less time for compiling to win back). Returns the wall seconds, the compile included."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**DECODE_MODELS["cpu preset"])).eval()
+    lengths = torch.randint(20, 60, (STAGE_EVAL_PROMPTS // (5 if quick else 1),)).sort(descending=True).values
+    t0 = time.perf_counter()
+    if stage == "evaluation":  # trainer.evaluate_exact_match: longest prompts first, greedy
+        for i in range(0, len(lengths), 32):
+            idx, mask = model.left_pad([list(range(1, int(n) + 1)) for n in lengths[i:i + 32]], 0)
+            m.generate(idx, 40, temperature=0, attention_mask=mask, compile=compile)
+    elif stage == "rollouts":  # ppo.py --algo=grpo: 4 prompts x 8 samples per step, temperature 1
+        gen = torch.Generator().manual_seed(0)
+        for step in range(STAGE_ROLLOUT_STEPS // (6 if quick else 1)):
+            picks = lengths[torch.randint(0, len(lengths), (ROLLOUT_BATCH // 8,))].repeat_interleave(8)
+            idx, mask = model.left_pad([list(range(1, int(n) + 1)) for n in picks], 0)
+            m.generate(idx, ROLLOUT_TOKENS, temperature=1.0, attention_mask=mask, generator=gen, compile=compile)
+    else:  # chat: one reply at generate.py's defaults
+        gen = torch.Generator().manual_seed(0)
+        m.generate(torch.arange(1, 41)[None], STAGE_CHAT_TOKENS // (4 if quick else 1), temperature=0.7, top_k=50,
+                   top_p=0.9, generator=gen, compile=compile)
+    return time.perf_counter() - t0
+
+
+def _stage_in_child(stage, compile, quick, threads, queue):
+    queue.put(stage_decode_seconds(stage, compile, quick, threads))
+
+
+def bench_stages(args):
+    ctx = multiprocessing.get_context("spawn")
+    rows, f = [], {}
+    for stage in ("evaluation", "rollouts", "chat"):
+        seconds = []
+        for compile in (False, True):
+            with tempfile.TemporaryDirectory() as cache_dir:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # the spawned child's, empty: a first run
+                queue = ctx.Queue()
+                p = ctx.Process(target=_stage_in_child, args=(stage, compile, args.quick, torch.get_num_threads(),
+                                                               queue))
+                p.start()
+                seconds.append(queue.get())
+                p.join()
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        f[f"stage_{stage}_eager_s"], f[f"stage_{stage}_compiled_s"] = seconds
+        f[f"stage_{stage}_compiled_vs_eager"] = seconds[0] / seconds[1]
+        rows += [(f"{stage}: eager", f"{seconds[0]:.1f} s", ""),
+                 (f"{stage}: compiled, warm-up included", f"{seconds[1]:.1f} s",
+                  f"{seconds[0] / seconds[1]:.2f}x eager ({'faster' if seconds[1] < seconds[0] else 'slower'})")]
+    rows.append(("  workload", "cpu preset", f"evaluation {STAGE_EVAL_PROMPTS} prompts x 40 tokens, rollouts "
+                                             f"{STAGE_ROLLOUT_STEPS} x {ROLLOUT_BATCH} x {ROLLOUT_TOKENS}, chat "
+                                             f"{STAGE_CHAT_TOKENS} tokens" + (" (a fraction: quick)" if args.quick
+                                                                              else "")))
+    return rows, f
+
+
+SECTIONS = {"model": bench_model, "decode": bench_decode, "stages": bench_stages, "quant": bench_quant,
+            "serve": bench_serve}
 
 
 # ----------------------------------------------------------------------------------------------------------------

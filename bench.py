@@ -3,7 +3,7 @@ Speed and memory benchmarks. Every reference is measured in the same run on the 
 figures that matter are ratios: our model against transformers' LlamaForCausalLM of identical shape and weights,
 and achieved FLOP/s against a plain matmul's.
 
-    python bench.py                  # full run: a few minutes on 2 CPU cores
+    python bench.py                  # full run: about 20 minutes on 2 CPU cores (decode and stages: 15 of them)
     python bench.py --quick          # fewer repeats and tokens: under a minute
     python bench.py --device=cuda --sections=model
     python bench.py --threads=1      # steadier when other jobs share the CPU cores
@@ -22,6 +22,7 @@ import gc
 import json
 import multiprocessing
 import os
+import queue
 import resource
 import socket
 import subprocess
@@ -57,8 +58,9 @@ DECODE_MODELS = {"cpu preset": dict(vocab_size=6400, block_size=256, n_layer=4, 
 DECODE_BATCHES = (1, 32)
 ROLLOUT_BATCH, ROLLOUT_TOKENS = 32, 40   # ppo.py --algo=grpo: batch_size 32 (4 prompts x 8), max_new_tokens 40
 # whole stages' decoding, compile included: an evaluation (640 prompts, batches of 32, 40 new tokens: the stages'
-# exact-match defaults), a GRPO run's rollouts (60 steps) and one chat reply (generate.py's 256 tokens)
-STAGE_EVAL_PROMPTS, STAGE_ROLLOUT_STEPS, STAGE_CHAT_TOKENS = 640, 60, 256
+# exact-match defaults), a GRPO run's rollouts (60 steps) and one chat reply (a 40-token prompt, then the rest of
+# the context: generate.py's 256 tokens capped by block_size)
+STAGE_EVAL_PROMPTS, STAGE_ROLLOUT_STEPS, STAGE_CHAT_TOKENS = 640, 60, 216
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,8 +574,8 @@ def stage_decode_seconds(stage, compile, quick, threads):
     return time.perf_counter() - t0
 
 
-def _stage_in_child(stage, compile, quick, threads, queue):
-    queue.put(stage_decode_seconds(stage, compile, quick, threads))
+def _stage_in_child(stage, compile, quick, threads, results):
+    results.put(stage_decode_seconds(stage, compile, quick, threads))
 
 
 def bench_stages(args):
@@ -584,11 +586,17 @@ def bench_stages(args):
         for compile in (False, True):
             with tempfile.TemporaryDirectory() as cache_dir:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # the spawned child's, empty: a first run
-                queue = ctx.Queue()
+                results = ctx.Queue()
                 p = ctx.Process(target=_stage_in_child, args=(stage, compile, args.quick, torch.get_num_threads(),
-                                                               queue))
+                                                               results))
                 p.start()
-                seconds.append(queue.get())
+                done = len(seconds) + 1
+                while len(seconds) < done:  # poll: a child that dies must not leave us waiting forever
+                    try:
+                        seconds.append(results.get(timeout=5))
+                    except queue.Empty:
+                        if not p.is_alive():
+                            raise RuntimeError(f"the {stage} run (compile={compile}) failed: exit {p.exitcode}")
                 p.join()
                 del os.environ["TORCHINDUCTOR_CACHE_DIR"]
         f[f"stage_{stage}_eager_s"], f[f"stage_{stage}_compiled_s"] = seconds

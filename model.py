@@ -607,6 +607,9 @@ def _warm_up_decode(model, key_ok, cache):
     if _compiled_decode_step is None:
         # fullgraph: a graph break would split the step and bring back the per-op overhead it removes
         _compiled_decode_step = torch.compile(GPT.decode_step, dynamic=False, fullgraph=True)
+        # dynamo keeps 8 compiled versions of a function by default and then runs it uncompiled; a server sees a
+        # batch size per request count, times a few cache lengths
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     B, L = key_ok.shape
     print(f"compiling the decode step (batch {B}, cache {L})...", end="", file=sys.stderr, flush=True)
     t0 = time.perf_counter()

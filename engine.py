@@ -56,12 +56,13 @@ class Reply(NamedTuple):
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts, max_new_tokens, device, *, temperature=0.0, top_k=None,
-                     top_p=None, repetition_penalty=1.0, generator=None, autocast=None):
+                     top_p=None, repetition_penalty=1.0, generator=None, autocast=None, compile=False):
     """Replies to a batch of prompts (lists of token ids, e.g. tokenizer.render_prompt(messages)) in one batched,
     KV-cached model.generate on `device` (where the model is): left-padded with an attention mask, each prompt cut
     to its last block_size - 1 tokens (the question and the assistant header are at the end), at most
     min(max_new_tokens, block_size - longest prompt) new tokens, each reply cut at its first special token
-    (cut_reply). temperature 0 = greedy; top_k None/0 = off. Runs in eval mode (no dropout) and restores the
+    (cut_reply). temperature 0 = greedy; top_k None/0 = off; compile=True decodes with the compiled step
+    (GPT.generate_stream). Runs in eval mode (no dropout) and restores the
     model's mode. Returns a list of Reply, in the prompts' order."""
     block_size = model.config.block_size
     seqs = [list(p)[-(block_size - 1):] for p in prompts]
@@ -73,7 +74,8 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens, device, *, tempe
         with autocast or nullcontext():
             out = model.generate(idx.to(device), n_new, temperature=temperature, top_k=top_k or None, top_p=top_p,
                                  repetition_penalty=repetition_penalty, stop_tokens=stop_ids(tokenizer),
-                                 attention_mask=mask.to(device), pad_id=tokenizer.pad_id, generator=generator)
+                                 attention_mask=mask.to(device), pad_id=tokenizer.pad_id, generator=generator,
+                                 compile=compile)
     finally:
         model.train(was_training)
     replies = []

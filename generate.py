@@ -29,6 +29,8 @@ top_p = 0.9                # 1.0 = off
 repetition_penalty = 1.0   # > 1 discourages tokens already in the context
 seed = 1337
 device = 'auto'            # auto = cuda, then mps, then cpu
+compile = 'auto'           # a torch.compile'd decode step: auto = on CUDA only (on the CPU its warm-up costs more
+                           # than a chat saves; README, speed)
 # -----------------------------------------------------------------------------
 
 COMMANDS = "/reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply"
@@ -91,7 +93,8 @@ def stream_reply(model, tokenizer, ids, gen, out):
     with gen["ctx"]:
         for step in model.generate_stream(idx, max_new, temperature=gen["temperature"], top_k=gen["top_k"],
                                           top_p=gen["top_p"], repetition_penalty=gen["repetition_penalty"],
-                                          stop_tokens=stop, pad_id=tokenizer.pad_id, generator=gen["generator"]):
+                                          stop_tokens=stop, pad_id=tokenizer.pad_id, generator=gen["generator"],
+                                          compile=gen["compile"]):
             t = int(step[0])
             if t in tokenizer.special_ids:
                 break
@@ -151,7 +154,7 @@ def main(argv=None):
 
     # POLICY_STAGES leaves out the reward model: it scores text and has no language-model head to chat with
     checkpoint = common.load_checkpoint(path, stages=common.POLICY_STAGES)
-    rt = common.setup(device=cfg["device"], seed=cfg["seed"], compile=False)
+    rt = common.setup(device=cfg["device"], seed=cfg["seed"], compile=cfg["compile"])
     try:
         model, tokenizer = engine.model_from_checkpoint(checkpoint, rt.device)
     except (common.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
@@ -166,7 +169,7 @@ def main(argv=None):
     gen = dict(device=rt.device, ctx=rt.autocast, max_new_tokens=cfg["max_new_tokens"],
                temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
                top_p=cfg["top_p"] if cfg["top_p"] < 1 else None, repetition_penalty=cfg["repetition_penalty"],
-               generator=torch.Generator(device=rt.device).manual_seed(cfg["seed"]))
+               generator=torch.Generator(device=rt.device).manual_seed(cfg["seed"]), compile=rt.compile)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show some character must not crash the chat
         sys.stdout.reconfigure(errors="replace")
 
@@ -183,7 +186,7 @@ def main(argv=None):
         reply = engine.generate_replies(model, tokenizer, [ids], gen["max_new_tokens"], gen["device"],
                                         temperature=gen["temperature"], top_k=gen["top_k"], top_p=gen["top_p"],
                                         repetition_penalty=gen["repetition_penalty"], generator=gen["generator"],
-                                        autocast=gen["ctx"])[0]
+                                        autocast=gen["ctx"], compile=gen["compile"])[0]
         print(reply.text)
         return
 

@@ -99,7 +99,7 @@ n_samples = 4
 # system
 device = 'auto'
 dtype = 'auto'
-compile = False                # rollouts change shape every step: compiling would recompile often
+compile = False                # True: compiled rollout decoding, but the update's shapes change every step (recompiles)
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -177,7 +177,8 @@ def main():
         prompt_ids = [r["ids"][-max_prompt:] for r in rows]
         gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + k)  # a pure function of the step: resume
         replies = engine.generate_replies(policy, tokenizer, prompt_ids, max_new_tokens, dev,
-                                          temperature=temperature, top_k=top_k, generator=gen, autocast=rt.autocast)
+                                          temperature=temperature, top_k=top_k, generator=gen, autocast=rt.autocast,
+                                          compile=rt.compile)
         # a response is the reply and the token that ended it (trained on and rewarded); padding after it is not
         responses = [r.ids + ([r.stop] if r.stop is not None else []) for r in replies]
         ended = torch.tensor([r.stop == tokenizer.end_id for r in replies], device=dev, dtype=torch.float32)

@@ -52,6 +52,8 @@ top_k = 50                 # not in the protocol: the server's setting for every
 top_p = 0.9
 seed = 1337                # seeds the seeds of requests that bring none
 device = 'auto'            # auto = cuda, then mps, then cpu
+compile = 'auto'           # a torch.compile'd decode step: auto = on CUDA only; each new batch size compiles once,
+                           # and finished rows stay in the batch (masked) instead of leaving it
 # -----------------------------------------------------------------------------
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -142,8 +144,9 @@ class Scheduler:
     the batch being formed while every row still fits the context (longest prompt + longest reply <=
     block_size) and the batch has room; one that does not fit waits for the next batch, keeping its place."""
 
-    def __init__(self, model, tokenizer, device, autocast, max_batch, max_queue, top_k, batch_window):
+    def __init__(self, model, tokenizer, device, autocast, max_batch, max_queue, top_k, batch_window, compile=False):
         self.model, self.tokenizer, self.device, self.autocast = model, tokenizer, device, autocast
+        self.compile = compile
         self.max_batch, self.max_queue, self.top_k, self.batch_window = max_batch, max_queue, top_k, batch_window
         self.waiting = collections.deque()
         self.cond = threading.Condition()
@@ -210,7 +213,7 @@ class Scheduler:
             idx.to(self.device), max(r.max_new for r in batch), temperature=[r.temperature for r in batch],
             top_k=self.top_k, top_p=[r.top_p for r in batch], stop_tokens=self.stop_tokens,
             attention_mask=attention_mask.to(self.device), pad_id=self.tokenizer.pad_id, generator=gens,
-            finished=finished)
+            finished=finished, compile=self.compile)
         with self.autocast:
             for tokens in steps:
                 tokens = tokens.tolist()
@@ -314,7 +317,7 @@ def create_app(model, tokenizer, chat, model_name, cfg, device, autocast):
     """The FastAPI app serving `model`. cfg: this file's settings (max_batch, max_queue, api_key, defaults)."""
     app = FastAPI(title="serve.py", docs_url=None, redoc_url=None, openapi_url=None)
     scheduler = Scheduler(model, tokenizer, device, autocast, cfg["max_batch"], cfg["max_queue"],
-                          cfg["top_k"] or None, cfg["batch_window"])
+                          cfg["top_k"] or None, cfg["batch_window"], cfg["compile"])
     rng = torch.Generator().manual_seed(cfg["seed"])
     block_size = model.config.block_size
     created = int(time.time())
@@ -506,7 +509,8 @@ def main(argv=None):
                                 f"({e.strerror or e})") from None
     path = cfg["ckpt"]
     checkpoint = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
-    rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=False)
+    rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=cfg["compile"])
+    cfg["compile"] = rt.compile  # auto resolved for this device
     try:
         model, tokenizer = trainer.model_from_checkpoint(checkpoint, rt.device)
     except (trainer.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents

@@ -720,13 +720,13 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, coun
 # exact-match evaluation (every stage's answer accuracy)
 
 def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max_new_tokens=32, batch_size=32,
-                         autocast=None, n_samples=3):
+                         autocast=None, n_samples=3, compile=False):
     """Greedy answers to the first `max_prompts` checkable prompts of data/<dataset>/prompts_val, generated in
     batches (left padding, stop at the first special token, i.e. the end of turn) and scored by
     world.check_answer. Returns {"exact_match": share right, "exact_match_by_task": {task: share},
     "exact_match_by_lang": {lang: share}, "exact_match_n": prompts scored, "samples": [[prompt, response,
     answer, right], ...] (the first n_samples, with their verdict)}. Empty dicts and exact_match 0.0 when the set
-    has no checkable prompt."""
+    has no checkable prompt. compile=True decodes with the compiled step (GPT.generate_stream)."""
     rows = prepare.load_prompts(dataset, "val")  # each with its rendered prompt in "ids"
     items = [(row["ids"], row) for row in rows if row.get("answer") is not None][:max_prompts]
     # longest first and in batches of similar length: less padding, and a too-long batch fails at once
@@ -735,7 +735,7 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         replies = generate_replies(model, tokenizer, [items[i][0] for i in chunk], max_new_tokens, device,
-                                   autocast=autocast)
+                                   autocast=autocast, compile=compile)
         for i, reply in zip(chunk, replies):
             responses[i] = reply.text
 
@@ -772,7 +772,7 @@ class ExactMatchEval:
             return {}
         result = evaluate_exact_match(model, self.tokenizer, self.dataset, self.rt.device,
                                       max_prompts=self.max_prompts, max_new_tokens=self.max_new_tokens,
-                                      autocast=self.rt.autocast, n_samples=self.n_samples)
+                                      autocast=self.rt.autocast, n_samples=self.n_samples, compile=self.rt.compile)
         self.samples = result.pop("samples")
         return result
 

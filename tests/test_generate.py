@@ -358,7 +358,7 @@ def test_chat_keeps_history_and_reset_clears_it(tok, monkeypatch, capsys):
     lines = iter(["how many apples", "and rivers", "/reset", "who lives in the city", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     gen = dict(device="cpu", ctx=torch.autocast("cpu", enabled=False), max_new_tokens=6, temperature=0, top_k=None,
-               top_p=None, repetition_penalty=1.0, generator=None)
+               top_p=None, repetition_penalty=1.0, generator=None, compile=False)
     generate.chat_loop(model, tok, True, gen, "be brief")
     assert len(prompts) == 3
     sys_msg, u1, u2, u3 = ({"role": r, "content": c} for r, c in [("system", "be brief"), ("user", "how many apples"),

@@ -73,6 +73,7 @@ eval_iters = 25                # val batches per evaluation (the held-out pairs 
 log_interval = 10
 eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
+eval_samples = 4               # sampled answers per held-out prompt (chat settings), final evaluation only; 0 = none
 n_samples = 4
 # system
 device = 'auto'
@@ -195,7 +196,8 @@ def main():
             loss = loss - rpo_alpha * (logps[:B] / n[:B]).mean()
         return loss + aux_loss, metrics
 
-    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
+    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+                                      eval_samples, max_iters, out_dir, seed)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)

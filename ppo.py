@@ -95,6 +95,7 @@ eval_interval = 20
 log_interval = 1
 eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
+eval_samples = 4               # sampled answers per held-out prompt (chat settings), final evaluation only; 0 = none
 n_samples = 4
 # system
 device = 'auto'
@@ -268,7 +269,8 @@ def main():
             run["kl_coef"] *= 1 + error * batch_size / kl_horizon
         return record, int(mask.numel()), bool(stop.signum)  # tokens: the padded batch of prompts + responses
 
-    exact_match = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
+    exact_match = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+                                         eval_samples, max_iters, out, seed)
 
     def evaluate(model, metrics):
         result = exact_match(model)

@@ -49,7 +49,7 @@ max_queue = 64             # waiting requests beyond this are answered 503
 batch_window = 0.01        # seconds a batch waits for more requests to arrive before it starts (when not full)
 max_tokens = 256           # reply length when a request does not say (always capped by the context)
 temperature = engine.CHAT_SAMPLING["temperature"]  # defaults for requests that leave them out; 0 = greedy
-top_k = engine.CHAT_SAMPLING["top_k"]              # not in the protocol: the server's setting for every request; 0 = off
+top_k = engine.CHAT_SAMPLING["top_k"]              # not in the protocol: the server's, for every request; 0 = off
 top_p = engine.CHAT_SAMPLING["top_p"]
 seed = 1337                # seeds the seeds of requests that bring none
 device = 'auto'            # auto = cuda, then mps, then cpu

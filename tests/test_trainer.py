@@ -560,10 +560,11 @@ def test_reply_metrics_count_right_and_clean_replies_per_language_and_task():
               "Anna Wang lives in Shanghai.",    # a zh question answered in English: wrong and not clean
               "Anna Wang lives in Beijing.",     # wrong but clean
               "37 + 48 = 85"]                    # digits belong to both languages: right, clean
-    sampled = [["37 + 48 = 85", "37 + 48 = 85 Hope this helps!", "37加48等于85。", "37 + 48 = 86"],  # right 2, clean 2
-               ["王安娜住在上海。", "王安娜住在上海。", "王安娜住在上海。希望对你有帮助！", "王安娜住在北京。"],  # right 2, clean 3
-               ["Anna Wang lives in Shanghai."] * 4,                                               # right 4, clean 4
-               ["37 + 48 = 85", "37 + 48 = 85", "37 + 48 = 86", "37 + 48 = 86"]]                     # right 2, clean 4
+    # right / clean samples: 2 / 2, 2 / 3, 4 / 4, 2 / 4
+    sampled = [["37 + 48 = 85", "37 + 48 = 85 Hope this helps!", "37加48等于85。", "37 + 48 = 86"],
+               ["王安娜住在上海。", "王安娜住在上海。", "王安娜住在上海。希望对你有帮助！", "王安娜住在北京。"],
+               ["Anna Wang lives in Shanghai."] * 4,
+               ["37 + 48 = 85", "37 + 48 = 85", "37 + 48 = 86", "37 + 48 = 86"]]
     m, verdicts = trainer.reply_metrics(rows, greedy, sampled)
     assert [(v["right"], v["clean"], v["sampled_right"], v["sampled_clean"]) for v in verdicts] == \
         [(1, 1, 2, 2), (0, 0, 2, 3), (0, 1, 4, 4), (1, 1, 2, 4)]

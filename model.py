@@ -492,13 +492,13 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1
     def finite(v):
         return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
     if not (finite(temperature) and temperature >= 0):
-        raise _user_error(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
+        raise UserError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not (finite(top_k) and top_k == int(top_k) and top_k >= 0):
-        raise _user_error(f"--top_k must be a whole number >= 0 (0 = off), got {top_k}")
+        raise UserError(f"--top_k must be a whole number >= 0 (0 = off), got {top_k}")
     if top_p is not None and not (finite(top_p) and 0 < top_p <= 1):
-        raise _user_error(f"--top_p must be in (0, 1] (1 = off), got {top_p}")
+        raise UserError(f"--top_p must be in (0, 1] (1 = off), got {top_p}")
     if not (finite(repetition_penalty) and repetition_penalty > 0):
-        raise _user_error(f"--repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty}")
+        raise UserError(f"--repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty}")
 
 
 def apply_repetition_penalty(logits, seen, penalty):

@@ -70,7 +70,7 @@ rm_weight = -1.0               # x the reward model's score; < 0 = the algorithm
 checker_weight = 1.0           # x 1.0 for an answer the exact checker accepts (prompts with a reference answer)
 unfinished_penalty = -1.0      # added to the score of a response that never says end-of-turn
 # rollouts
-batch_size = 32                # responses sampled per step (grpo: batch_size / group_size prompts)
+batch_size = 64                # responses sampled per step (grpo: batch_size / group_size prompts: 8 x 8)
 group_size = 0                 # samples per prompt; 0 = 1 for ppo, 8 for grpo
 max_new_tokens = 40            # response length limit
 temperature = 1.0              # rollouts sample softmax(logits / T), uncut: no top-k/top-p (rl.sample_rollouts)
@@ -89,8 +89,8 @@ vf_coef = 0.5
 ppo_epochs = 2
 minibatch_size = 16            # rollouts per optimizer step (grpo: several groups)
 # optimization
-max_iters = 60                 # rollout steps
-learning_rate = 0.0            # 0 = the finetune mode's default: 1e-5 full, 2e-4 lora/qlora
+max_iters = 100                # rollout steps (the default budget: see README, "RL defaults")
+learning_rate = 0.0            # 0 = the finetune mode's default: 3e-5 full, 2e-4 lora/qlora
 critic_learning_rate = 1e-4
 min_lr = 0.0                   # 0 = learning_rate / 10
 warmup_iters = 5
@@ -100,7 +100,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 # evaluation
-eval_interval = 20
+eval_interval = 50
 log_interval = 1
 eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
@@ -113,7 +113,7 @@ compile = False                # rollouts change shape every step: compiling wou
 seed = 1337
 # -----------------------------------------------------------------------------
 
-DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_LR = {"full": 3e-5, "lora": 2e-4, "qlora": 2e-4}
 DEFAULT_KL_COEF = {"ppo": 0.05, "grpo": 0.04}
 DEFAULT_RM_WEIGHT = {"ppo": 1.0, "grpo": 0.0}  # GRPO learns from the exact checker alone: nothing to hack
 # step-record means (last 10 steps) that join each evaluation's metrics
@@ -289,7 +289,7 @@ def main():
                                          eval_samples, max_iters, out, seed)
 
     def evaluate(model, metrics):
-        result = exact_match(model)
+        result = exact_match(model, metrics)
         if run["exact_match_start"] is None:  # the model this run started from
             run["exact_match_start"] = result.get("exact_match")
         if run["exact_match_start"] is not None:

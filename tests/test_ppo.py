@@ -35,6 +35,8 @@ def test_tiny_runs_complete_start_at_zero_kl_and_write_checkpoints_generate_load
                 "clean_rate_sampled", "clean_rate_by_lang", "exact_match_sampled_by_task"):
         assert key in metrics, key
     assert metrics["eval_samples"] == 4 and (out / "eval_prompts.jsonl").exists()
+    evals = [r for r in read_log(out) if "exact_match" in r]  # steps 0 and 3: sampled at the final one only
+    assert [(r["step"], "exact_match_sampled" in r) for r in evals] == [(0, False), (3, True)]
     ckpt = trainer.load_checkpoint(str(out), stages=("ppo",))
     assert ckpt["train_config"]["algo"] == algo and (out / "reward.png").exists()
     r = run_script("generate.py", f"--ckpt={out}", "--prompt=3+4?", "--max_new_tokens=4", "--device=cpu")

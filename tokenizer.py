@@ -9,12 +9,17 @@ The BPE itself is trained and run by the `tokenizers` library (Rust, fast); this
 - the GPT-2 pre-tokenizer regex keeps a run of Chinese characters together as one "word", so BPE can learn
   merges for common characters and words: Chinese and English both end up compact.
 
-Special tokens have the first ids (0..5, in SPECIAL_TOKENS order). encode() never produces them: text that
-happens to contain "<|end|>" is tokenized as the plain characters '<', '|', 'end', ..., so a user cannot end
+Special tokens have the first ids (0..3, in SPECIAL_TOKENS order). encode() never produces them: text that
+happens to contain "<|im_end|>" is tokenized as the plain characters '<', '|', 'im', ..., so a user cannot end
 a turn or fake a role header by typing one. Only the chat template below inserts special ids.
 
-Chat template (one implementation, used by SFT, DPO, the reward model, PPO and chat):
-    each message = [role_id] + encode(content) + [end_id];  a prompt ends with [assistant_id]
+Chat template: ChatML, the convention of Qwen, SmolLM2 and minimind that transformers, llama.cpp and Ollama
+know, so that our own models and imported ones (convert.py) share one rendering, one loss mask, one stop token:
+    <|im_start|>{role}\n{content}<|im_end|>\n      per message;   a prompt ends with <|im_start|>assistant\n
+The text between two special tokens is encoded as one string, as transformers' apply_chat_template does, so an
+imported model sees exactly the ids its own template gives. A tokenizer imported with a model may carry a
+default system message (its template adds one when a conversation has none): our JSON then holds a "chat"
+entry next to the library's own keys (see CHAT_KEY).
 """
 import json
 from typing import Iterable
@@ -24,27 +29,49 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from common import write_atomic
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 ROLES = ("system", "user", "assistant")
+# our entry in the tokenizer JSON (the `tokenizers` library rejects unknown keys, so it is taken out before the
+# library reads the rest): the end-of-text and padding tokens of an imported vocabulary and its default system
+# message. Our own trained tokenizers need none of it and have no such entry.
+CHAT_KEY = "chat"
+_OLD_TEMPLATE_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 
 
 class Tokenizer:
 
-    def __init__(self, tk: HFTokenizer):
+    def __init__(self, tk: HFTokenizer, chat: dict | None = None):
         self.tk = tk
         # the library matches added special tokens inside input text unless told not to; this flag is not
-        # part of the saved JSON, so it is set here, on every construction path (train and load).
+        # part of the saved JSON, so it is set here, on every construction path (train, load and import).
         self.tk.encode_special_tokens = True
-        ids = []
-        for s in SPECIAL_TOKENS:
+        self.chat = dict(chat or {})
+        unknown = sorted(set(self.chat) - {"eot_token", "pad_token", "default_system"})
+        if unknown:
+            raise ValueError(f"tokenizer JSON: unknown key(s) {unknown} in its {CHAT_KEY!r} entry")
+        names = {"eot": self.chat.get("eot_token", "<|endoftext|>"), "start": "<|im_start|>", "end": "<|im_end|>",
+                 "pad": self.chat.get("pad_token", "<|pad|>")}
+        ids = {}
+        for key, s in names.items():
             i = tk.token_to_id(s)
             if i is None:
-                raise ValueError(f"tokenizer JSON lacks the special token {s!r}; not one of our tokenizers")
-            ids.append(i)
-        self.eot_id, self.pad_id, self.system_id, self.user_id, self.assistant_id, self.end_id = ids
-        self.special_ids = frozenset(ids)
-        self.role_ids = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
+                if key in ("start", "end") and all(tk.token_to_id(t) is not None for t in _OLD_TEMPLATE_TOKENS):
+                    raise ValueError("the tokenizer predates the ChatML chat template (it has <|user|>/<|end|>, "
+                                     "not <|im_start|>/<|im_end|>): rebuild the data with `python prepare.py` "
+                                     "and rerun the stages")
+                raise ValueError(f"tokenizer JSON lacks the special token {s!r}; not one of our tokenizers "
+                                 f"(a ChatML vocabulary is needed)")
+            ids[key] = i
+        self.eot_id, self.start_id, self.end_id, self.pad_id = ids["eot"], ids["start"], ids["end"], ids["pad"]
+        # every special token of the vocabulary ends a reply when generated (an imported vocabulary has more
+        # than ours, e.g. SmolLM2's <repo_name>): a model never says one as text
+        self.special_ids = frozenset([i for i, t in tk.get_added_tokens_decoder().items() if t.special] +
+                                     list(ids.values()))
+        self.default_system = self.chat.get("default_system")
         self.vocab_size = tk.get_vocab_size()
+        self._newline = self.encode("\n")
+        self._headers = {role: self.encode(role + "\n") for role in ROLES}
+        self.generation_prompt = [self.start_id] + self.encode("assistant\n")
 
     # ---------------------------------------------------------------- training and (de)serialisation
 
@@ -61,7 +88,7 @@ class Tokenizer:
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=SPECIAL_TOKENS,  # ids 0..5 in this order
+            special_tokens=SPECIAL_TOKENS,  # ids 0..3 in this order
             # all 256 bytes in the vocabulary even if the corpus never shows them: exact round trip of any text
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
@@ -72,13 +99,22 @@ class Tokenizer:
     @classmethod
     def from_json(cls, s: str) -> "Tokenizer":
         try:
-            tk = HFTokenizer.from_str(s)
+            d = json.loads(s)
+            chat = d.pop(CHAT_KEY, None) if isinstance(d, dict) else None
+            tk = HFTokenizer.from_str(json.dumps(d) if chat is not None else s)
         except Exception as e:  # the library raises a bare Exception on malformed JSON
             raise ValueError(f"not a valid tokenizer JSON: {str(e).splitlines()[0] if str(e) else e!r}") from None
-        return cls(tk)
+        if chat is not None and not isinstance(chat, dict):
+            raise ValueError(f"tokenizer JSON: its {CHAT_KEY!r} entry must be an object")
+        return cls(tk, chat)
 
     def to_json(self) -> str:
-        return self.tk.to_str()
+        s = self.tk.to_str()
+        if not self.chat:
+            return s
+        d = json.loads(s)
+        d[CHAT_KEY] = self.chat
+        return json.dumps(d, ensure_ascii=False)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
@@ -109,23 +145,34 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat template
 
+    def with_default_system(self, messages: list[dict]) -> list[dict]:
+        """The conversation as the template renders it: an imported model's default system message first when
+        the conversation starts with another role (SmolLM2's and Qwen2.5's templates do this)."""
+        if self.default_system is not None and messages and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.default_system}] + list(messages)
+        return list(messages)
+
     def render_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """Messages -> (ids, loss_mask). loss_mask[i] == 1 exactly where ids[i] is assistant content or the
-        end_id that closes an assistant turn: the model learns to answer and to stop, never to predict the
-        user's words or the role headers (those the template supplies)."""
+        """Messages -> (ids, loss_mask), ChatML. loss_mask[i] == 1 exactly where ids[i] is assistant content or
+        the <|im_end|> that closes an assistant turn: the model learns to answer and to stop, never to predict
+        the user's words or the role headers (those the template supplies)."""
         check_messages(messages)
         ids, loss_mask = [], []
-        for m in messages:
-            body = self.encode(m["content"])
+        for m in self.with_default_system(messages):
+            header = self._headers[m["role"]]
+            turn = self.encode(m["role"] + "\n" + m["content"])  # one string, as the template's text is encoded
+            # the header's tokens are those the turn shares with the header alone; a reply starting with
+            # whitespace may merge with the header's newline, and that token is then the reply's
+            n_header = next((i for i, (a, b) in enumerate(zip(header, turn)) if a != b), min(len(header), len(turn)))
             train = 1 if m["role"] == "assistant" else 0
-            ids += [self.role_ids[m["role"]]] + body + [self.end_id]
-            loss_mask += [0] + [train] * len(body) + [train]
+            ids += [self.start_id] + turn + [self.end_id] + self._newline
+            loss_mask += [0] * (1 + n_header) + [train] * (len(turn) - n_header + 1) + [0] * len(self._newline)
         return ids, loss_mask
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
-        """History + the assistant header: generation continues with the assistant's answer."""
+        """History + the assistant header (<|im_start|>assistant\\n): generation continues with the answer."""
         ids, _ = self.render_chat(messages)
-        return ids + [self.assistant_id]
+        return ids + self.generation_prompt
 
     def render_text(self, text: str) -> list[int]:
         """Plain-text prompt for a pretraining checkpoint: documents were encode(text) + [eot], concatenated, so a

@@ -720,7 +720,11 @@ def evaluate_exact_match(model, tokenizer, dataset, device, max_prompts=200, max
     metrics, verdicts = reply_metrics([row for _, row in items], responses, sampled)
     for (i, _), v in zip(items, verdicts):
         v["id"] = i
-    samples = [[tokenizer.decode(row["ids"]), response, row["answer"], bool(v["right"])]
+
+    def question(row):  # what the user asked (ChatML's role names are text: decode(ids) would show them)
+        users = [m["content"] for m in row.get("messages") or [] if m.get("role") == "user"]
+        return users[-1] if users else tokenizer.decode(row["ids"])
+    samples = [[question(row), response, row["answer"], bool(v["right"])]
                for (_, row), response, v in list(zip(items, responses, verdicts))[:n_samples]]
     return {**metrics, "exact_match_n": len(items), "samples": samples, "verdicts": verdicts}
 

@@ -25,7 +25,7 @@ def test_a_reply_ends_at_its_first_special_token_and_nothing_after_it_counts():
 
 def test_batched_left_padded_replies_equal_each_prompt_generated_alone(tok):
     # the reference: one unpadded prompt at a time through model.generate, cut by hand at the first special token
-    torch.manual_seed(0)
+    torch.manual_seed(32)  # a seed whose random model makes all three kinds of cut below
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                             tie_embeddings=False))
     with torch.no_grad():  # make the end of turn win at some positions and not others: both cuts get exercised

@@ -166,6 +166,54 @@ def test_logits_match_transformers_llama(n_kv_head, tie):
         torch.testing.assert_close(hf2(idx).logits, hf(idx).logits, atol=0, rtol=0)
 
 
+def test_logits_match_transformers_qwen2_with_qkv_bias():
+    # Qwen2 is a Llama with biases on q, k and v; a dropped or misordered bias changes every logit
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny(n_kv_head=2, tie_embeddings=False, rope_theta=1000.0, norm_eps=1e-6, attn_bias=True)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.to_hf_llama_config(cfg))).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(model.from_hf_llama_state_dict(hf.state_dict()), strict=True)
+    assert ours.config == model.from_hf_llama_config(hf.config)
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=0)
+        ours.layers[0].attn.qkv_proj.bias.zero_()
+        assert (ours(idx)[0] - ref).abs().max() > 1e-2
+    assert GPT(tiny()).layers[0].attn.qkv_proj.bias is None, "off by default: Llama has no q/k/v bias"
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}), "rope_scaling"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_parameters"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5}),
+     "rope_parameters"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(head_dim=32), "head_dim"),
+    (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window"),
+    (dict(model_type="gemma"), "model_type"),
+])
+def test_imported_config_that_cannot_be_honoured_is_refused_naming_the_field(change, field):
+    # a GELU or llama3-scaled-RoPE config used to load silently as a SiLU / plain-RoPE model: wrong logits
+    from trainer import UserError
+    d = dict(model.to_hf_llama_config(tiny()), **change)
+    with pytest.raises(UserError, match=rf"^{field}[=' ]|'{field}'|{field}="):
+        model.from_hf_llama_config(d)
+    # the same dict without the change loads; a transformers-4 config.json (rope_theta and a null rope_scaling
+    # at the top level) too
+    assert model.from_hf_llama_config(model.to_hf_llama_config(tiny())) == tiny()
+    old = {k: v for k, v in model.to_hf_llama_config(tiny(rope_theta=5e5)).items() if k != "rope_parameters"}
+    assert model.from_hf_llama_config(dict(old, rope_theta=5e5, rope_scaling=None)) == tiny(rope_theta=5e5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Mixture of Experts
 

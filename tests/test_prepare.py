@@ -105,7 +105,8 @@ def test_pref_arrays(prepared):
     prompts, chosen, rejected = (prepare.load_ragged(path, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     assert len(prompts) == len(chosen) == len(rejected) == len(pairs) == meta["pref_val"]
     for p, c, r, pair in zip(prompts, chosen, rejected, pairs):
-        assert p.tolist() == tok.render_prompt(pair["messages"]) and p[-1] == tok.assistant_id
+        assert p.tolist() == tok.render_prompt(pair["messages"])
+        assert p[-len(tok.generation_prompt):].tolist() == tok.generation_prompt
         assert c.tolist() == tok.encode(pair["chosen"]) + [tok.end_id]
         assert r.tolist() == tok.encode(pair["rejected"]) + [tok.end_id]
 

@@ -24,7 +24,7 @@ def test_sft_mask_excludes_prompt_tokens_padding_and_is_not_shifted(world_data):
     scoring mask[t] instead of mask[t+1]) each gives another number."""
     tok = trainer.load_tokenizer(world_data)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_kv_head=1,
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_kv_head=1,
                             n_embd=32)).eval()
     convs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 3 + 4?"},
               {"role": "assistant", "content": "3 + 4 = 7"}, {"role": "user", "content": "And 5 + 5?"},
@@ -41,12 +41,13 @@ def test_sft_mask_excludes_prompt_tokens_padding_and_is_not_shifted(world_data):
     for conv, (ids, _) in zip(convs, rendered):
         logp = torch.log_softmax(model(torch.tensor([ids]))[0][0], dim=-1)
         pos = 0
-        for m in conv:
+        for m in conv:  # ChatML: <|im_start|> role \n content <|im_end|> \n
+            head = [tok.start_id] + tok.encode(m["role"] + "\n")
             body = tok.encode(m["content"])
-            if m["role"] == "assistant":  # content and the end-of-turn: positions pos+1 .. pos+len(body)+1
-                for t in range(pos + 1, pos + len(body) + 2):
+            if m["role"] == "assistant":  # content and the end-of-turn
+                for t in range(pos + len(head), pos + len(head) + len(body) + 1):
                     nll.append(-logp[t - 1, ids[t]])
-            pos += len(body) + 2
+            pos += len(head) + len(body) + 1 + len(tok.encode("\n"))
         assert pos == len(ids)
     want = torch.stack(nll).mean()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
@@ -67,7 +68,7 @@ def test_the_counted_targets_are_exactly_the_answers_and_their_end_of_turn(world
     x, y, loss_mask = trainer.next_token_batch([ids], [mask], tok.pad_id)
     counted = y[0][loss_mask[0].bool()].tolist()
     assert counted == tok.encode("Anna Wang lives in Shanghai.") + [tok.end_id]
-    assert tok.assistant_id not in counted and tok.user_id not in counted
+    assert tok.start_id not in counted, "a role header is never a target"
 
 
 def test_fit_sequence_cuts_the_prompt_from_the_left_and_keeps_the_answer():

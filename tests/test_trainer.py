@@ -526,7 +526,7 @@ def test_exact_match_batched_generation_equals_one_prompt_at_a_time(tmp_path, to
     # left padding must not change a greedy answer: the same responses with batch_size 1 and 4
     write_prompts(tmp_path / "d", tok)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                             tie_embeddings=False))
     with torch.no_grad():  # a sharp head that never picks a special token, so there are answers to compare
         model.lm_head.weight.normal_()

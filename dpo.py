@@ -26,9 +26,9 @@ for simpo and orpo, which then train exactly their papers' losses (orpo already 
 Metrics (held-out pairs): pref_accuracy (the implicit reward beta * (logp - ref) of chosen above rejected; ties
 count half, so the starting point is 0.5), reward_margin, reward_chosen/rejected, logp_pref_accuracy (the policy
 itself gives chosen the higher log-probability: comparable with the SFT model, where it is measured at step 0),
-kl (the exact KL(policy || reference) summed over the tokens of the held-out chosen replies), and exact_match on
-held-out checkable prompts as in SFT. Writes ckpt.pt (stage 'dpo'), best.pt, adapter.pt for LoRA, metrics.jsonl,
-loss.png to out_dir.
+kl (the exact KL(policy || reference) summed over the tokens of the held-out chosen replies), and greedy and
+sampled exact match and clean-reply rate on held-out checkable prompts as in SFT. Writes ckpt.pt (stage 'dpo'),
+best.pt, adapter.pt for LoRA, metrics.jsonl, loss.png to out_dir.
 """
 import torch
 import torch.nn.functional as F

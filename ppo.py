@@ -35,8 +35,8 @@ zero_spread (GRPO: the share of groups whose samples all scored the same), kl_co
 exact match and the clean-reply rate on held-out checkable prompts (greedy; at the end also eval_samples sampled
 answers per prompt at the chat's settings), so reward hacking (reward up, exact match and KL going the wrong way)
 shows in the log; an evaluation's reward_mean, kl and zero_spread are the means of the last 10 steps. Writes
-ckpt.pt (stage 'ppo'), best.pt (best exact
-match), adapter.pt for LoRA.
+ckpt.pt (stage 'ppo'), best.pt (best exact match), adapter.pt for LoRA, and eval_prompts.jsonl (per-prompt
+verdicts of the last evaluation).
 """
 import math
 import os

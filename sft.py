@@ -11,8 +11,10 @@ assistant's tokens and the end-of-turn token that closes each assistant turn: th
 stop, never to predict the user. Conversations are right-padded per batch; one longer than the context loses its
 oldest prompt tokens (trainer.fit_sequence), and how many were cut is printed.
 
-Evaluation: val loss, and exact-match accuracy on held-out checkable prompts (greedy decoding, world.check_answer)
-overall, per task family and per language, when the data set has them (the embedded world does). Writes
+Evaluation: val loss, and on held-out checkable prompts, when the data set has them (the embedded world does),
+exact match (world.check_answer) and the clean-reply rate (world.is_clean_reply) of the greedy replies and, at the
+final evaluation, of eval_samples sampled replies per prompt at the chat's settings, each overall, per task family
+and per language (trainer.ExactMatchEval; per-prompt verdicts in eval_prompts.jsonl). Writes
 ckpt.pt (LoRA merged, so the next stage loads a plain model), best.pt, adapter.pt for LoRA/QLoRA, metrics.jsonl
 and loss.png to out_dir, prints a few sample answers and, last, a JSON line with the final metrics.
 """

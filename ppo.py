@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import engine
 import prepare
 import rl
 import trainer

@@ -296,7 +296,7 @@ def import_hf_dir(path):
     for f in files:
         hf_sd.update({k: v.float() for k, v in load_file(f).items()})
     sd = from_hf_llama_state_dict(hf_sd)
-    if cfg.attn_bias != (f"layers.0.attn.qkv_proj.bias" in sd):
+    if cfg.attn_bias != ("layers.0.attn.qkv_proj.bias" in sd):
         raise UserError(f"{path}: model_type={config.get('model_type')!r} but the weights "
                         f"{'lack' if cfg.attn_bias else 'have'} q/k/v biases")
     tk_path = os.path.join(path, "tokenizer.json")

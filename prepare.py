@@ -309,11 +309,11 @@ def get_tokenizer(cfg, texts):
                 os.path.exists(os.path.join(path, "ckpt.pt")):
             path = os.path.join(path, "ckpt.pt")
         if path.endswith(".pt"):  # a checkpoint (e.g. one convert.py imported): data in the model's own tokens
-            ckpt = trainer.load_checkpoint(path)
+            ckpt = common.load_checkpoint(path)
             try:
                 return Tokenizer.from_json(ckpt["tokenizer"])
             except ValueError as e:
-                raise trainer.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load its tokenizer: {e}") from None
+                raise common.UserError(f"--tokenizer={cfg['tokenizer']}: cannot load its tokenizer: {e}") from None
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(path):
             raise common.UserError(f"--tokenizer={cfg['tokenizer']}: no such file")

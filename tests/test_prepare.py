@@ -5,7 +5,6 @@ import itertools
 import re
 import json
 import os
-import re
 import subprocess
 import sys
 

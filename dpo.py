@@ -26,9 +26,9 @@ for simpo and orpo, which then train exactly their papers' losses (orpo already 
 Metrics (held-out pairs): pref_accuracy (the implicit reward beta * (logp - ref) of chosen above rejected; ties
 count half, so the starting point is 0.5), reward_margin, reward_chosen/rejected, logp_pref_accuracy (the policy
 itself gives chosen the higher log-probability: comparable with the SFT model, where it is measured at step 0),
-kl (the exact KL(policy || reference) summed over the tokens of the held-out chosen replies), and exact_match on
-held-out checkable prompts as in SFT. Writes ckpt.pt (stage 'dpo'), best.pt, adapter.pt for LoRA, metrics.jsonl,
-loss.png to out_dir.
+kl (the exact KL(policy || reference) summed over the tokens of the held-out chosen replies), and greedy and
+sampled exact match and clean-reply rate on held-out checkable prompts as in SFT. Writes ckpt.pt (stage 'dpo'),
+best.pt, adapter.pt for LoRA, metrics.jsonl, loss.png to out_dir.
 """
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,7 @@ eval_iters = 25                # val batches per evaluation (the held-out pairs 
 log_interval = 10
 eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
+eval_samples = 4               # sampled answers per held-out prompt (chat settings), final evaluation only; 0 = none
 n_samples = 4
 # system
 device = 'auto'
@@ -203,7 +204,8 @@ def main():
             loss = loss - rpo_alpha * (logps[:B] / n[:B]).sum()
         return (loss + aux_loss * B) / totals["pairs"], metrics
 
-    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
+    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+                                      eval_samples, max_iters, out_dir, seed)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)

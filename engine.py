@@ -17,6 +17,10 @@ from common import UserError
 from model import GPT, left_pad
 from tokenizer import Tokenizer
 
+# The chat's sampling settings (generate.py's and serve.py's defaults): evaluation's sampled exact match and
+# clean-reply rate sample with exactly these, so that they measure what a user of the chat gets.
+CHAT_SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.9}
+
 
 def model_from_checkpoint(ckpt, device):
     """(GPT, Tokenizer) from a loaded checkpoint, the model on `device` in eval mode. A quantized checkpoint
@@ -83,3 +87,25 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens, device, *, tempe
         ids, stop = cut_reply(row, tokenizer.special_ids)
         replies.append(Reply(ids, stop, tokenizer.decode(ids)))
     return replies
+
+
+def sample_replies(model, tokenizer, prompts, k, max_new_tokens, device, seed, *, batch_size=64, autocast=None,
+                   **sampling):
+    """k sampled replies to each of `prompts` (lists of token ids), at the chat's settings (CHAT_SAMPLING) unless
+    `sampling` overrides them (temperature, top_k, top_p, repetition_penalty). Reproducible: the draws come from
+    one torch.Generator seeded with `seed`, and the rows are generated in a fixed order (longest prompts first, in
+    batches of at most batch_size rows, a prompt's k copies side by side), so the same model, prompts, k, seed and
+    batch_size give the same replies. Returns a list with one list of k Reply per prompt, in the prompts' order."""
+    if k < 1 or batch_size < 1:
+        raise UserError(f"sample_replies: k ({k}) and batch_size ({batch_size}) must be at least 1")
+    settings = {**CHAT_SAMPLING, **sampling}
+    gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    rows = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(k)]
+    out = [[] for _ in prompts]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        replies = generate_replies(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, device,
+                                   generator=gen, autocast=autocast, **settings)
+        for i, reply in zip(chunk, replies):
+            out[i].append(reply)
+    return out

@@ -23,9 +23,9 @@ ckpt = 'checkpoints/sft/ckpt.pt'
 prompt = ''                # non-empty: answer this once and exit
 system = ''                # system message that starts every conversation (chat checkpoints)
 max_new_tokens = 256
-temperature = 0.7          # 0 (or below 1e-5) = greedy
-top_k = 50                 # 0 = off
-top_p = 0.9                # 1.0 = off
+temperature = engine.CHAT_SAMPLING["temperature"]  # 0 (or below 1e-5) = greedy
+top_k = engine.CHAT_SAMPLING["top_k"]              # 0 = off
+top_p = engine.CHAT_SAMPLING["top_p"]              # 1.0 = off
 repetition_penalty = 1.0   # > 1 discourages tokens already in the context
 seed = 1337
 device = 'auto'            # auto = cuda, then mps, then cpu

@@ -1,7 +1,7 @@
 """
 The whole life of a chat model in one command, ending with a report card.
 
-    python pipeline.py                                  # the embedded world, CPU sizes: ~10 minutes on 2 cores
+    python pipeline.py                                  # the embedded world, CPU sizes: ~12 min on 2 cores (estimated)
     python pipeline.py --seed=2 --out_dir=runs/seed2    # another seed, in its own folder
     python pipeline.py config/pipeline_gpu.py           # real public data sets on a GPU (see the README)
     python pipeline.py --restart=True                   # redo every stage instead of going on from the last done
@@ -16,10 +16,20 @@ would type), each stage starting from the previous one's checkpoint:
 Checkpoints go to <out_dir>/<stage>/ (by default checkpoints/, where the stage scripts look by themselves), each
 stage's printed output to <out_dir>/logs/<stage>.log. A stage that finished is not run again (pipeline.json
 records it); one that was interrupted is continued with --resume=True. At the end it answers the same held-out
-prompts with every stage's model and writes <out_dir>/report.md: each stage's metrics, time and tokens, exact
-match per task family, the answers side by side, and the curves (<out_dir>/curves.png and each stage's PNG).
+prompts with every stage's model and writes <out_dir>/report.md: each stage's metrics, time and tokens; greedy and
+sampled exact match and the clean-reply rate, overall, per language and per task family; each alignment stage
+against SFT (gains, and the paired sign test over the held-out prompts for greedy and sampled exact match); the
+answers side by side; and the curves (<out_dir>/curves.png and each stage's PNG).
+
+Variant stages (VARIANTS) run a base stage with one setting changed, from the same start, each in its own folder:
+dpo_ipo, dpo_hinge, dpo_simpo, dpo_orpo (DPO's loss types; dpo itself is sigmoid) and grpo_batch, grpo_none
+(GRPO's advantage scalings; grpo itself divides by the group's std). The methods table, every one of them
+against the same SFT model:
+
+    python pipeline.py config/pipeline_methods.py       # reuses the stages a default run in the same out_dir did
 """
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -54,27 +64,40 @@ restart = False                # True: run every stage again, even those that fi
 
 SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft.py", "dpo": "dpo.py", "reward": "reward_model.py",
            "ppo": "ppo.py", "grpo": "ppo.py"}
+# variant stages: a base stage's run with one setting changed, from the same start, in its own folder (for the
+# methods table: every DPO loss type and GRPO advantage scaling on the same SFT model)
+VARIANTS = {"dpo_ipo": ("dpo", "--loss_type=ipo"), "dpo_hinge": ("dpo", "--loss_type=hinge"),
+            "dpo_simpo": ("dpo", "--loss_type=simpo"), "dpo_orpo": ("dpo", "--loss_type=orpo"),
+            "grpo_batch": ("grpo", "--advantage_scale=batch"), "grpo_none": ("grpo", "--advantage_scale=none")}
 # what each stage starts from (the reward model is used by ppo and grpo through --reward_from)
 INIT_FROM = {"sft": "pretrain", "dpo": "sft", "reward": "sft", "ppo": "sft", "grpo": "sft"}
 # the headline figures of each stage, in the order the report shows them
-KEY_METRICS = {"pretrain": ("val_loss", "ppl"), "sft": ("val_loss", "exact_match"),
-               "dpo": ("pref_accuracy", "logp_pref_accuracy", "reward_margin", "kl", "exact_match"),
+REPLY_METRICS = ("exact_match", "exact_match_sampled", "clean_rate", "clean_rate_sampled")
+KEY_METRICS = {"pretrain": ("val_loss", "ppl"), "sft": ("val_loss",) + REPLY_METRICS,
+               "dpo": ("pref_accuracy", "logp_pref_accuracy", "reward_margin", "kl") + REPLY_METRICS,
                "reward": ("pair_accuracy", "reward_margin"),
-               "ppo": ("reward_mean", "kl", "exact_match_start", "exact_match"),
-               "grpo": ("reward_mean", "kl", "exact_match_start", "exact_match")}
+               "ppo": ("reward_mean", "kl", "exact_match_start") + REPLY_METRICS,
+               "grpo": ("reward_mean", "kl", "zero_spread", "exact_match_start") + REPLY_METRICS}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def base_stage(stage):
+    """The stage a variant stage is a run of (dpo for dpo_ipo); a stage itself otherwise."""
+    return VARIANTS[stage][0] if stage in VARIANTS else stage
+
+
 def stage_command(stage, cfg):
-    """The command line of one stage: its script, the pipeline's own settings, then the user's extra arguments."""
+    """The command line of one stage: its script, the pipeline's own settings, then the user's extra arguments
+    (a variant stage: its base stage's, then its own setting)."""
     folder = os.path.join(cfg["out_dir"], stage)
-    cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[stage]), f"--dataset={cfg['dataset']}", f"--out_dir={folder}",
+    base = base_stage(stage)
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[base]), f"--dataset={cfg['dataset']}", f"--out_dir={folder}",
            f"--seed={cfg['seed']}", f"--device={cfg['device']}"]
-    if stage in INIT_FROM:
-        cmd.append(f"--init_from={os.path.join(cfg['out_dir'], INIT_FROM[stage])}")
-    if stage in ("ppo", "grpo"):
-        cmd += [f"--algo={stage}", f"--reward_from={os.path.join(cfg['out_dir'], 'reward')}"]
-    return cmd + shlex.split(cfg[f"{stage}_args"])
+    if base in INIT_FROM:
+        cmd.append(f"--init_from={os.path.join(cfg['out_dir'], INIT_FROM[base])}")
+    if base in ("ppo", "grpo"):
+        cmd += [f"--algo={base}", f"--reward_from={os.path.join(cfg['out_dir'], 'reward')}"]
+    return cmd + shlex.split(cfg[f"{base}_args"]) + ([VARIANTS[stage][1]] if stage in VARIANTS else [])
 
 
 def run_logged(cmd, log_path):
@@ -118,9 +141,9 @@ def fmt(v):
 
 def main():
     cfg = common.configure(globals())
-    unknown = [s for s in stages if s not in SCRIPTS]
+    unknown = [s for s in stages if s not in SCRIPTS and s not in VARIANTS]
     if unknown:
-        raise common.UserError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(SCRIPTS)}")
+        raise common.UserError(f"--stages: unknown stage(s) {unknown}; known: {', '.join([*SCRIPTS, *VARIANTS])}")
     os.makedirs(out_dir, exist_ok=True)
     state_path = os.path.join(out_dir, "pipeline.json")
     state = {"stages": {}}
@@ -181,7 +204,7 @@ def main():
         state.pop("running", None)
         state.get("partial_seconds", {}).pop(stage, None)
         save_state()
-        shown = ", ".join(f"{k} {fmt(metrics[k])}" for k in KEY_METRICS[stage] if k in metrics)
+        shown = ", ".join(f"{k} {fmt(metrics[k])}" for k in KEY_METRICS[base_stage(stage)] if k in metrics)
         print(f"      done in {seconds:.0f}s: {shown}", flush=True)
 
     answers = side_by_side(cfg, state)
@@ -267,7 +290,7 @@ def plot_curves(cfg, path):
     for ax, stage in zip(axes, done):
         with open(os.path.join(out_dir, stage, "metrics.jsonl"), encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
-        for key in CURVES[stage]:
+        for key in CURVES[base_stage(stage)]:
             pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), "o-" if len(pts) < 20 else "-", ms=3, lw=1, label=key.replace("_", " "))
@@ -281,37 +304,81 @@ def plot_curves(cfg, path):
     return path
 
 
+def sign_test(wins, losses):
+    """Two-sided exact binomial test of `wins` against `losses` (the discordant pairs; ties left out) under
+    p = 1/2: min(1, 2 P(X <= min(wins, losses))) with X ~ Binomial(wins + losses, 1/2) (the sign test, e.g.
+    Conover, Practical Nonparametric Statistics, 3.4). 1.0 when there is no discordant pair."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / 2 ** n)  # exact integer arithmetic until this one division
+
+
+def read_verdicts(folder):
+    """A stage's per-prompt verdicts (trainer.ExactMatchEval's eval_prompts.jsonl) by prompt id; {} without."""
+    path = os.path.join(folder, "eval_prompts.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {v["id"]: v for v in map(json.loads, f)}
+
+
+def paired_counts(stage, reference, key, k_stage=1, k_reference=1):
+    """(prompts where `stage` does better, prompts where `reference` does) on the prompts both scored: by the
+    verdict `key` as a share of k (right: 0/1 of 1; sampled_right: a count of k samples), ties left out; None when
+    either lacks the key."""
+    ids = sorted(set(stage) & set(reference))
+    if not ids or any(stage[i].get(key) is None or reference[i].get(key) is None for i in ids):
+        return None
+    # a / k_s > b / k_r compared in integers: no float ties
+    diffs = [stage[i][key] * k_reference - reference[i][key] * k_stage for i in ids]
+    return sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+
+
+def pct(v):
+    return "" if v is None else f"{100 * v:.1f}%"
+
+
 def write_report(cfg, state, answers):
     done = [s for s in stages if s in state["stages"]]
     lines = [f"# Report card: {out_dir}", "",
              f"Data set `{dataset}`, seed {seed}. Every figure is measured on held-out data: val loss on held-out "
-             f"text, exact match on held-out checkable prompts (greedy decoding, world.check_answer), preference and "
-             f"pair accuracy on held-out pairs.", "",
+             f"text; on held-out checkable prompts (world.check_answer) exact match of the greedy reply and of "
+             f"sampled replies at the chat's settings (temperature, top-k, top-p of generate.py; the mean over the "
+             f"samples of each prompt), and the clean-reply rate (world.is_clean_reply: in the question's language, "
+             f"no demonstrated flaw); preference and pair accuracy on held-out pairs.", "",
              "| stage | time | tokens | key metrics |", "| --- | ---: | ---: | --- |"]
     for s in done:
         st = state["stages"][s]
         m = st["metrics"]
-        shown = ", ".join(f"{k} {fmt(m[k])}" for k in KEY_METRICS[s] if k in m)
+        shown = ", ".join(f"{k} {fmt(m[k])}" for k in KEY_METRICS[base_stage(s)] if k in m)
         lines.append(f"| {s} | {st['seconds'] / 60:.1f} min | {st.get('tokens', 0):,} | {shown} |")
     total = sum(state["stages"][s]["seconds"] for s in done)
     lines += ["", f"Training time in all: {total / 60:.1f} min.", ""]
 
     em_stages = [s for s in done if "exact_match_by_task" in state["stages"][s]["metrics"]]
-    if em_stages:
-        tasks = sorted({t for s in em_stages for t in state["stages"][s]["metrics"]["exact_match_by_task"]})
-        langs = sorted({t for s in em_stages for t in state["stages"][s]["metrics"].get("exact_match_by_lang", {})})
-        lines += ["## Exact match on held-out checkable prompts", "",
-                  "| | " + " | ".join(em_stages) + " |", "| --- |" + " ---: |" * len(em_stages)]
-        for t in ["all"] + tasks + langs:
-            cells = []
-            for s in em_stages:
-                m = state["stages"][s]["metrics"]
-                v = (m["exact_match"] if t == "all" else m["exact_match_by_task"].get(t,
-                     m.get("exact_match_by_lang", {}).get(t)))
-                cells.append("" if v is None else f"{100 * v:.1f}%")
+    tables = (("exact_match", "Exact match, greedy"), ("exact_match_sampled", "Exact match, sampled"),
+              ("clean_rate", "Clean-reply rate, greedy"), ("clean_rate_sampled", "Clean-reply rate, sampled"))
+    for key, title in tables:
+        have = [s for s in em_stages if key in state["stages"][s]["metrics"]]
+        if not have:
+            continue
+        ms = {s: state["stages"][s]["metrics"] for s in have}
+        tasks = sorted({t for s in have for t in ms[s].get(f"{key}_by_task", {})})
+        langs = sorted({t for s in have for t in ms[s].get(f"{key}_by_lang", {})})
+        lines += [f"## {title} on held-out checkable prompts", "",
+                  "| | " + " | ".join(have) + " |", "| --- |" + " ---: |" * len(have)]
+        for t in ["all"] + langs + tasks:
+            cells = [pct(ms[s][key] if t == "all" else ms[s].get(f"{key}_by_lang", {}).get(
+                t, ms[s].get(f"{key}_by_task", {}).get(t))) for s in have]
             lines.append(f"| {'**all**' if t == 'all' else t} | " + " | ".join(cells) + " |")
-        n_em = state["stages"][em_stages[0]]["metrics"].get("exact_match_n")
-        lines += ["", f"({n_em} prompts per stage; per-language rows: en, zh.)", ""]
+        n_em = ms[have[0]].get("exact_match_n")
+        k = ms[have[0]].get("eval_samples")
+        lines += ["", f"({n_em} prompts per stage" + (f", {k} samples each" if "sampled" in key and k else "")
+                  + "; rows: all, per language, per task family.)", ""]
+
+    lines += against_sft(state, done)
 
     if answers:
         lines += ["## The same held-out prompts, every stage (greedy)", ""]
@@ -329,6 +396,43 @@ def write_report(cfg, state, answers):
     path = os.path.join(out_dir, "report.md")
     common.write_atomic(path, lambda f: f.write("\n".join(lines)), mode="w")
     return path
+
+
+def against_sft(state, done):
+    """The report's section that compares each alignment stage with SFT on the same held-out prompts: gains in
+    greedy and sampled exact match and clean-reply rate, time, and the paired sign test (sign_test) over the
+    prompts where the two differ, for greedy and for sampled exact match."""
+    if "sft" not in done:
+        return []
+    sft_m, sft_v = state["stages"]["sft"]["metrics"], read_verdicts(os.path.join(out_dir, "sft"))
+    rows = []
+    for s in done:
+        m = state["stages"][s]["metrics"]
+        if s in ("pretrain", "sft", "reward") or "exact_match" not in m or not sft_v:
+            continue
+        v = read_verdicts(os.path.join(out_dir, s))
+        cells = [s, f"{state['stages'][s]['seconds'] / 60:.1f} min"]
+        for key, verdict in (("exact_match", "right"), ("exact_match_sampled", "sampled_right")):
+            gain = f"{100 * (m[key] - sft_m[key]):+.1f}" if key in m and key in sft_m else ""
+            k = (m.get("eval_samples", 1), sft_m.get("eval_samples", 1)) if verdict == "sampled_right" else (1, 1)
+            counts = paired_counts(v, sft_v, verdict, *k)
+            test = "" if counts is None else f"{counts[0]} / {counts[1]}, p = {sign_test(*counts):.3g}"
+            cells += [f"{pct(m.get(key))} ({gain})" if gain else pct(m.get(key)), test]
+        for key in ("clean_rate", "clean_rate_sampled"):
+            gain = f" ({100 * (m[key] - sft_m[key]):+.1f})" if key in m and key in sft_m else ""
+            cells.append(pct(m.get(key)) + gain)
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["## Against SFT, on the same held-out prompts", "",
+            "Change in points against SFT in brackets. Sign test: the prompts where the stage does better / worse "
+            "than SFT (greedy: right or not; sampled: the share of its samples that are right), and the two-sided "
+            "exact binomial p-value on them (ties left out).", "",
+            f"SFT: greedy {pct(sft_m.get('exact_match'))}, sampled {pct(sft_m.get('exact_match_sampled'))}, clean "
+            f"{pct(sft_m.get('clean_rate'))} greedy, {pct(sft_m.get('clean_rate_sampled'))} sampled.", "",
+            "| stage | time | exact match, greedy | better / worse, sign test | exact match, sampled | "
+            "better / worse, sign test | clean, greedy | clean, sampled |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
 
 
 if __name__ == "__main__":

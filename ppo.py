@@ -3,13 +3,16 @@ Reinforcement learning from feedback: PPO with a critic, or GRPO with groups of 
 
     python ppo.py                                  # PPO from checkpoints/sft with checkpoints/reward -> checkpoints/ppo
     python ppo.py --algo=grpo                      # GRPO -> checkpoints/grpo
-    python ppo.py --rm_weight=0 --checker_weight=1 # verifiable rewards only: the exact answer checker
+    python ppo.py --rm_weight=0                    # verifiable rewards only: the exact answer checker (grpo's default)
+    python ppo.py --algo=grpo --advantage_scale=none   # Dr. GRPO: no division by the group's std
     python ppo.py --init_from=checkpoints/dpo --finetune=lora
 
 Each step samples responses to `batch_size` prompts (x `group_size` for GRPO) in one batched, KV-cached
 generate; a response ends at the end-of-turn token, which is part of it, and nothing after it is trained on or
 rewarded. Its score is rm_weight x the reward model's score + checker_weight x (1 if world.check_answer accepts
-it) + unfinished_penalty if it never ended. Then:
+it) + unfinished_penalty if it never ended; by default PPO uses the reward model and the checker, GRPO the checker
+alone. Rollouts sample from softmax(logits / temperature) with no top-k or top-p cut, the very distribution whose
+log-probs enter the ratio and the KL (rl.sample_rollouts). Then:
 
 PPO   per-token rewards -kl_coef x KL_t (k1: log pi - log ref; k3: exp(d) - d - 1 with d = log ref - log pi) plus
       the score at the response's last token; GAE(gamma, lam) with the critic's values; advantages whitened over
@@ -17,17 +20,23 @@ PPO   per-token rewards -kl_coef x KL_t (k1: log pi - log ref; k3: exp(d) - d - 
       and a clipped value loss. Optional adaptive kl_coef (target_kl, Ziegler et al. 2019).
       The critic is a separate model (rl.make_critic): a shared trunk would let the value loss pull on the
       policy's features (and with LoRA the policy has few parameters to spare); it costs one more forward/backward.
-GRPO  no critic: the group of group_size samples per prompt is the baseline, advantage = (score - group mean) /
-      (group std + 1e-4) (unbiased std) on every token of a sample; clipped ratio; KL to the reference inside the
-      loss with the k3 estimator. The loss is averaged over all response tokens of the batch (token-level, as in
-      DAPO), not per sequence first: per-sequence averaging gives each token of a short response more weight than
-      one of a long response, which biases the length (a long wrong answer is penalised less per token).
+GRPO  no critic: the group of group_size samples per prompt is the baseline, advantage = (score - group mean)
+      divided by the group's std + 1e-4 (advantage_scale 'group', Shao et al. 2024), the batch's std ('batch') or
+      nothing ('none', Dr. GRPO, Liu et al. 2025), on every token of a sample; clipped ratio; KL to the reference
+      inside the loss with the k3 estimator. The loss is averaged over all response tokens of the batch
+      (token-level, as in DAPO), not per sequence first: per-sequence averaging gives each token of a short
+      response more weight than one of a long response, which biases the length (a long wrong answer is
+      penalised less per token).
 
-Logged every step (metrics.jsonl, reward.png): reward_mean, reward_rm, reward_checker, kl (per response, summed over
-its tokens), response_length, ended (share that ended with end-of-turn), clip_frac, policy_loss, value_loss (PPO),
-kl_coef. Every eval_interval steps: exact match on held-out checkable prompts (greedy), so reward hacking (reward up,
-exact match and KL going the wrong way) shows in the log. Writes ckpt.pt (stage 'ppo'), best.pt (best exact
-match), adapter.pt for LoRA.
+Logged every step (metrics.jsonl, reward.png): reward_mean, reward_rm, reward_checker, kl (for both algorithms the
+k3 estimator of KL(policy || reference), Schulman 2020, summed over a response's tokens and averaged over the
+responses), response_length, ended (share that ended with end-of-turn), clip_frac, policy_loss, value_loss (PPO),
+zero_spread (GRPO: the share of groups whose samples all scored the same), kl_coef. Every eval_interval steps:
+exact match and the clean-reply rate on held-out checkable prompts (greedy; at the end also eval_samples sampled
+answers per prompt at the chat's settings), so reward hacking (reward up, exact match and KL going the wrong way)
+shows in the log; an evaluation's reward_mean, kl and zero_spread are the means of the last 10 steps. Writes
+ckpt.pt (stage 'ppo'), best.pt (best exact match), adapter.pt for LoRA, and eval_prompts.jsonl (per-prompt
+verdicts of the last evaluation).
 """
 import math
 import os
@@ -36,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import engine
 import prepare
 import rl
 import trainer
@@ -57,31 +65,31 @@ lora_dropout = 0.0
 lora_head = False
 # rewards
 reward_from = 'checkpoints/reward'   # the reward model, used when rm_weight > 0
-rm_weight = 1.0                # x the reward model's score
+rm_weight = -1.0               # x the reward model's score; < 0 = the algorithm's default: 1 for ppo, 0 for grpo
 checker_weight = 1.0           # x 1.0 for an answer the exact checker accepts (prompts with a reference answer)
 unfinished_penalty = -1.0      # added to the score of a response that never says end-of-turn
 # rollouts
-batch_size = 32                # responses sampled per step (grpo: batch_size / group_size prompts)
+batch_size = 64                # responses sampled per step (grpo: batch_size / group_size prompts: 8 x 8)
 group_size = 0                 # samples per prompt; 0 = 1 for ppo, 8 for grpo
 max_new_tokens = 40            # response length limit
-temperature = 1.0
-top_k = 0                      # 0 = sample from the whole distribution
+temperature = 1.0              # rollouts sample softmax(logits / T), uncut: no top-k/top-p (rl.sample_rollouts)
 # the objective
 kl_coef = 0.0                  # 0 = the algorithm's default: 0.05 for ppo (in the reward), 0.04 for grpo (in the loss)
-kl_estimator = 'k1'            # ppo: k1 | k3 (grpo always uses k3)
+kl_estimator = 'k1'            # ppo's penalty in the reward: k1 | k3 (grpo's loss always uses k3; the logged kl is k3)
 adaptive_kl = False            # ppo: adapt kl_coef towards target_kl
 target_kl = 2.0                # per response, summed over its tokens
 kl_horizon = 1000
 gamma = 1.0
 lam = 0.95
+advantage_scale = 'group'      # grpo: group | batch | none (Dr. GRPO): what (score - group mean) is divided by
 clip_range = 0.2
 value_clip = 0.2
 vf_coef = 0.5
 ppo_epochs = 2
 minibatch_size = 16            # rollouts per optimizer step (grpo: several groups)
 # optimization
-max_iters = 60                 # rollout steps
-learning_rate = 0.0            # 0 = the finetune mode's default: 1e-5 full, 2e-4 lora/qlora
+max_iters = 100                # rollout steps (the default budget: see README, "RL defaults")
+learning_rate = 0.0            # 0 = the finetune mode's default: 3e-5 full, 2e-4 lora/qlora
 critic_learning_rate = 1e-4
 min_lr = 0.0                   # 0 = learning_rate / 10
 warmup_iters = 5
@@ -91,10 +99,11 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 # evaluation
-eval_interval = 20
+eval_interval = 50
 log_interval = 1
 eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
+eval_samples = 4               # sampled answers per held-out prompt (chat settings), final evaluation only; 0 = none
 n_samples = 4
 # system
 device = 'auto'
@@ -103,8 +112,11 @@ compile = False                # True: compiled rollout decoding, but the update
 seed = 1337
 # -----------------------------------------------------------------------------
 
-DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}
+DEFAULT_LR = {"full": 3e-5, "lora": 2e-4, "qlora": 2e-4}
 DEFAULT_KL_COEF = {"ppo": 0.05, "grpo": 0.04}
+DEFAULT_RM_WEIGHT = {"ppo": 1.0, "grpo": 0.0}  # GRPO learns from the exact checker alone: nothing to hack
+# step-record means (last 10 steps) that join each evaluation's metrics
+SUMMARY_KEYS = {"ppo": ("reward_mean", "kl"), "grpo": ("reward_mean", "kl", "zero_spread")}
 
 
 def main():
@@ -118,9 +130,13 @@ def main():
         raise trainer.UserError(f"--group_size={G}: GRPO needs at least 2 samples per prompt")
     if batch_size < G or batch_size % G:
         raise trainer.UserError(f"--batch_size={batch_size} must be a multiple of --group_size={G}")
-    if rm_weight == 0 and checker_weight == 0:
+    cfg["rm_weight"] = rm_w = rm_weight if rm_weight >= 0 else DEFAULT_RM_WEIGHT[algo]
+    if rm_w == 0 and checker_weight == 0:
         raise trainer.UserError("--rm_weight and --checker_weight are both 0: there is no reward")
-    check_sampling(temperature, top_k)
+    check_sampling(temperature)
+    if advantage_scale not in rl.ADVANTAGE_SCALES:
+        raise trainer.UserError(f"--advantage_scale must be one of {', '.join(rl.ADVANTAGE_SCALES)}, "
+                                f"got {advantage_scale!r}")
     if temperature < GREEDY_BELOW:  # the log-probs are taken under logits / temperature: they need a real sampler
         raise trainer.UserError(f"--temperature must be >= {GREEDY_BELOW:g} for sampling rollouts, got {temperature}")
     if ppo_epochs < 1 or minibatch_size < 1 or max_new_tokens < 1:
@@ -139,7 +155,7 @@ def main():
     # reference's, and the critic's values with the rollout's (value clipping)
     disable_dropout(policy).to(dev)
     reference_logits = trainer.frozen_reference(policy, init, finetune, dev)
-    rm = rl.load_reward_model(reward_from, dev, tokenizer) if rm_weight else None
+    rm = rl.load_reward_model(reward_from, dev, tokenizer) if rm_w else None
     critic = (disable_dropout(rl.make_critic(init, rm, resume_from and resume_from["critic"])).to(dev)
               if algo == "ppo" else None)
 
@@ -160,7 +176,7 @@ def main():
         run["exact_match_start"] = resume_from["metrics"].get("exact_match_start")
     print(f"{algo}: {len(prompts):,} prompts, {batch_size // G} x {G} rollouts per step, up to {max_new_tokens} tokens | "
           f"{finetune}: {trainable} | lr {lr:g} | reward: " + " + ".join(
-              ([f"{rm_weight:g} x reward model"] if rm else []) + ([f"{checker_weight:g} x checker"]
+              ([f"{rm_w:g} x reward model"] if rm else []) + ([f"{checker_weight:g} x checker"]
                                                                   if checker_weight else []))
           + f" | kl_coef {run['kl_coef']:g}")
 
@@ -176,21 +192,16 @@ def main():
         rows = [prompts[i] for i in pick for _ in range(G)]
         prompt_ids = [r["ids"][-max_prompt:] for r in rows]
         gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + k)  # a pure function of the step: resume
-        replies = engine.generate_replies(policy, tokenizer, prompt_ids, max_new_tokens, dev,
-                                          temperature=temperature, top_k=top_k, generator=gen, autocast=rt.autocast,
-                                          compile=rt.compile)
-        # a response is the reply and the token that ended it (trained on and rewarded); padding after it is not
-        responses = [r.ids + ([r.stop] if r.stop is not None else []) for r in replies]
+        replies, responses, seq_t, resp_mask = rl.sample_rollouts(policy, tokenizer, prompt_ids, max_new_tokens, dev,
+                                                                  temperature, gen, rt.autocast, rt.compile)
+        seq_t, resp_mask = seq_t.to(dev), resp_mask.to(dev)
         ended = torch.tensor([r.stop == tokenizer.end_id for r in replies], device=dev, dtype=torch.float32)
-        seq_t = trainer.pad_right([p + r for p, r in zip(prompt_ids, responses)], tokenizer.pad_id).to(dev)
-        resp_mask = trainer.pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, responses)],
-                                      0).to(dev).float()
         checker = torch.tensor([float(world.check_answer(r.text, row["answer"], row.get("task")))
                                 if row.get("answer") is not None else 0.0 for r, row in zip(replies, rows)], device=dev)
         rm_scores = torch.zeros(len(rows), device=dev)
         if rm is not None:
             rm_scores = rl.reward_scores(rm, prompt_ids, responses, tokenizer.pad_id, dev, rt.autocast)
-        scores = rm_weight * rm_scores + checker_weight * checker + unfinished_penalty * (1 - ended)
+        scores = rm_w * rm_scores + checker_weight * checker + unfinished_penalty * (1 - ended)
         with rt.autocast:
             old_logps, _ = policy_logps(seq_t, resp_mask, train=False)
             ref_logps = rl.response_logps(reference_logits(seq_t), seq_t, resp_mask, temperature)
@@ -216,14 +227,16 @@ def main():
         """One rollout batch, then ppo_epochs passes of clipped updates over it: train()'s step_fn."""
         batch = rollout(step)
         mask = batch["resp_mask"]
-        # per-token KL of the sampled tokens against the reference (the reward's penalty for PPO; a metric here)
-        kl_tokens = rl.kl_estimate(batch["old_logps"], batch["ref_logps"], kl_estimator if algo == "ppo" else "k3")
+        # per-token KL of the sampled tokens against the reference: k3 is the logged `kl` of both algorithms;
+        # PPO's penalty in the reward uses --kl_estimator
+        kl_tokens = rl.kl_estimate(batch["old_logps"], batch["ref_logps"], "k3")
         if algo == "ppo":
-            rewards = rl.token_rewards(batch["scores"], kl_tokens, mask, run["kl_coef"])
+            penalty = rl.kl_estimate(batch["old_logps"], batch["ref_logps"], kl_estimator)
+            rewards = rl.token_rewards(batch["scores"], penalty, mask, run["kl_coef"])
             advantages, returns = rl.gae(rewards, batch["values"], mask, gamma, lam)
             advantages = rl.whiten(advantages, mask)
         else:
-            advantages, returns = rl.grpo_advantages(batch["scores"], G)[:, None] * mask, None
+            advantages, returns = rl.grpo_advantages(batch["scores"], G, advantage_scale)[:, None] * mask, None
         # shuffled minibatches (GRPO: whole groups stay together in one minibatch)
         unit = G if algo == "grpo" else 1
         mb_units = max(1, minibatch_size // unit)
@@ -262,6 +275,8 @@ def main():
         record = {"reward_mean": batch["scores"].mean().item(), "kl": mean_kl,
                   "response_length": batch["lengths"].mean().item(), "ended": batch["ended"].mean().item(),
                   "kl_coef": run["kl_coef"], **{k: float(np.mean(v)) for k, v in stats.items() if v}}
+        if algo == "grpo":
+            record["zero_spread"] = rl.zero_spread_share(batch["scores"], G)
         if rm is not None:
             record["reward_rm"] = batch["rm_scores"].mean().item()
         if bool(batch["has_answer"].any()):
@@ -272,10 +287,11 @@ def main():
             run["kl_coef"] *= 1 + error * batch_size / kl_horizon
         return record, int(mask.numel()), bool(stop.signum)  # tokens: the padded batch of prompts + responses
 
-    exact_match = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
+    exact_match = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+                                         eval_samples, max_iters, out, seed)
 
     def evaluate(model, metrics):
-        result = exact_match(model)
+        result = exact_match(model, metrics)
         if run["exact_match_start"] is None:  # the model this run started from
             run["exact_match_start"] = result.get("exact_match")
         if run["exact_match_start"] is not None:
@@ -289,7 +305,7 @@ def main():
     metrics = trainer.train(policy, None, None, cfg, rt, stage="ppo", name=algo, step_fn=rl_step, optimizer=optimizer,
                             checkpoint_entries=lambda: trainer.model_entries(policy, tokenizer), evaluate=evaluate,
                             resume_from=resume_from, train_state=train_state, best_metric="exact_match",
-                            higher_is_better=True, summary_keys=("reward_mean", "kl"), png="reward.png",
+                            higher_is_better=True, summary_keys=SUMMARY_KEYS[algo], png="reward.png",
                             log_panels=(("reward_mean", "reward_checker", "reward_rm"), ("exact_match",), ("kl",)))
     trainer.finish_finetune(policy, out, "ppo", exact_match.samples, metrics)
 

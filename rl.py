@@ -6,6 +6,7 @@ Pure functions of tensors, checked against hand-computed values in tests/test_rl
 import torch
 import torch.nn.functional as F
 
+import engine
 from common import UserError, load_checkpoint
 from engine import model_from_checkpoint
 from model import ModelConfig, ScoreModel
@@ -92,16 +93,41 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def grpo_advantages(scores, group_size, eps=1e-4):
-    """(n_prompts * group_size,) scores, each prompt's samples consecutive -> (score - group mean) / (group std +
-    eps), with the unbiased std: a group whose samples all score the same gets 0 (nothing to learn from it)."""
+ADVANTAGE_SCALES = ("group", "batch", "none")
+
+
+def grpo_advantages(scores, group_size, scale="group", eps=1e-4):
+    """GRPO's advantages: (n_prompts * group_size,) scores, each prompt's samples consecutive -> score - its group's
+    mean, divided by
+      'group': the group's std + eps (GRPO, Shao et al. 2024): each prompt's advantages get unit scale, so a group
+               whose scores barely differ is amplified as much as one that differs a lot;
+      'batch': the std of all the batch's scores + eps (as TRL's scale_rewards='batch'): one scale for the batch,
+               so a prompt's weight follows how much its samples differ;
+      'none':  nothing (Dr. GRPO, Liu et al. 2025: the std division biases learning towards prompts that are
+               almost always right or almost always wrong).
+    Stds are unbiased. A group whose samples all score the same gets 0 under every scale (nothing to learn)."""
+    if scale not in ADVANTAGE_SCALES:
+        raise UserError(f"--advantage_scale must be one of {', '.join(ADVANTAGE_SCALES)}, got {scale!r}")
     groups = scores.view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).view(-1)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (scores.std() + eps)
+    return centred.reshape(-1)
+
+
+def zero_spread_share(scores, group_size):
+    """The share of groups (consecutive group_size scores) whose samples all score the same: they give GRPO no
+    signal at all. (n_prompts * group_size,) -> float in [0, 1]."""
+    groups = scores.view(-1, group_size)
+    return (groups == groups[:, :1]).all(1).float().mean().item()
 
 
 def kl_estimate(logp, ref_logp, kind):
     """Per-token estimate of KL(pi || ref) from a token sampled from pi: k1 = log pi - log ref (unbiased, can be
-    negative), k3 = exp(d) - d - 1 with d = log ref - log pi (unbiased, always >= 0, lower variance; Schulman)."""
+    negative), k3 = exp(d) - d - 1 with d = log ref - log pi (unbiased, always >= 0, lower variance; Schulman 2020,
+    "Approximating KL divergence"). The `kl` PPO and GRPO report is k3 summed over a response's tokens."""
     if kind == "k1":
         return logp - ref_logp
     d = ref_logp - logp
@@ -133,8 +159,25 @@ def clipped_value_loss(values, old_values, returns, mask, clip):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def sample_rollouts(policy, tokenizer, prompts, max_new_tokens, device, temperature, generator, autocast=None,
+                    compile=False):
+    """Sample one response per prompt (lists of token ids) for PPO/GRPO, from softmax(logits / temperature) with
+    no top-k or top-p cut: the distribution response_logps scores, so that the old log-probs of the ratio and the
+    KL are those of the distribution the tokens were drawn from (a truncated sampler would draw tokens whose
+    scored probability differs from their sampling probability, and the ratio would no longer be an importance
+    weight). A response is the reply plus the token that ended it (trained on and rewarded); padding after it is
+    not. Returns (replies: engine.Reply list, responses: id lists, seqs (B, T) right-padded prompt + response ids,
+    resp_mask (B, T) float, 1 on response tokens), tensors on the CPU. compile: decode with the compiled step."""
+    replies = engine.generate_replies(policy, tokenizer, prompts, max_new_tokens, device, temperature=temperature,
+                                      generator=generator, autocast=autocast, compile=compile)
+    responses = [r.ids + ([r.stop] if r.stop is not None else []) for r in replies]
+    seqs = pad_right([list(p) + r for p, r in zip(prompts, responses)], tokenizer.pad_id)
+    resp_mask = pad_right([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0).float()
+    return replies, responses, seqs, resp_mask
+
+
 def response_logps(logits, seqs, resp_mask, temperature):
-    """Log-probabilities of each token under logits / temperature (the distribution it was sampled from), as (B, T)
-    aligned with seqs: entry t is log p(seqs[t] | seqs[:t]); entry 0 is 0. Only response entries are used."""
+    """Log-probabilities of each token under logits / temperature (the distribution sample_rollouts draws from), as
+    (B, T) aligned with seqs: entry t is log p(seqs[t] | seqs[:t]); entry 0 is 0. Only response entries are used."""
     logps = token_logps(logits[:, :-1] / temperature, seqs[:, 1:])
     return F.pad(logps, (1, 0)) * resp_mask

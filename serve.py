@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+import engine
 import trainer
 from model import left_pad
 from tokenizer import StreamDecoder, check_messages
@@ -47,9 +48,9 @@ max_batch = 8              # requests decoded together
 max_queue = 64             # waiting requests beyond this are answered 503
 batch_window = 0.01        # seconds a batch waits for more requests to arrive before it starts (when not full)
 max_tokens = 256           # reply length when a request does not say (always capped by the context)
-temperature = 0.7          # defaults for requests that leave them out; 0 = greedy
-top_k = 50                 # not in the protocol: the server's setting for every request; 0 = off
-top_p = 0.9
+temperature = engine.CHAT_SAMPLING["temperature"]  # defaults for requests that leave them out; 0 = greedy
+top_k = engine.CHAT_SAMPLING["top_k"]              # not in the protocol: the server's, for every request; 0 = off
+top_p = engine.CHAT_SAMPLING["top_p"]
 seed = 1337                # seeds the seeds of requests that bring none
 device = 'auto'            # auto = cuda, then mps, then cpu
 compile = 'auto'           # a torch.compile'd decode step: auto = on CUDA only; each new batch size compiles once,

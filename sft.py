@@ -11,8 +11,10 @@ assistant's tokens and the end-of-turn token that closes each assistant turn: th
 stop, never to predict the user. Conversations are right-padded per batch; one longer than the context loses its
 oldest prompt tokens (trainer.fit_sequence), and how many were cut is printed.
 
-Evaluation: val loss, and exact-match accuracy on held-out checkable prompts (greedy decoding, world.check_answer)
-overall, per task family and per language, when the data set has them (the embedded world does). Writes
+Evaluation: val loss, and on held-out checkable prompts, when the data set has them (the embedded world does),
+exact match (world.check_answer) and the clean-reply rate (world.is_clean_reply) of the greedy replies and, at the
+final evaluation, of eval_samples sampled replies per prompt at the chat's settings, each overall, per task family
+and per language (trainer.ExactMatchEval; per-prompt verdicts in eval_prompts.jsonl). Writes
 ckpt.pt (LoRA merged, so the next stage loads a plain model), best.pt, adapter.pt for LoRA/QLoRA, metrics.jsonl
 and loss.png to out_dir, prints a few sample answers and, last, a JSON line with the final metrics.
 """
@@ -50,6 +52,7 @@ eval_iters = 10                # val batches per evaluation (the val set in orde
 log_interval = 10
 eval_prompts = 640             # held-out checkable prompts scored per evaluation (the default data: all 640; 0 = none)
 eval_max_new_tokens = 40
+eval_samples = 4               # sampled answers per held-out prompt (chat settings), final evaluation only; 0 = none
 n_samples = 4                  # sample answers printed at the end
 # system
 device = 'auto'
@@ -104,7 +107,8 @@ def main():
         # x its share of the step's answer tokens: every answer token weighs the same, whatever batch it is in
         return loss * (loss_mask.sum() / totals["tokens"]), {}
 
-    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples)
+    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+                                      eval_samples, max_iters, out_dir, seed)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="sft", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),
                             resume_from=resume_from)

@@ -54,3 +54,23 @@ def test_a_long_prompt_keeps_its_end_and_the_reply_fits_the_context(tok):
     reply = engine.generate_replies(model, tok, [long], 8, "cpu")[0]
     out = model.generate(torch.tensor([long[-15:]]), 1, temperature=0.0)[0, 15:].tolist()
     assert len(reply.ids) + (reply.stop is not None) == 1 and (reply.ids or [reply.stop]) == out
+
+
+def test_sampled_replies_are_k_per_prompt_in_order_and_reproducible_from_the_seed(tok):
+    torch.manual_seed(2)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    prompts = [tok.encode("the cat sat on"), tok.encode("one big red dog ran to"), tok.encode("it ran")]
+    # temperature 0: every sample is the greedy reply, so each prompt's k replies must be its own greedy one
+    # (a mix-up of rows after the longest-first ordering would show)
+    greedy = engine.generate_replies(model, tok, prompts, 10, "cpu")
+    same = engine.sample_replies(model, tok, prompts, 3, 10, "cpu", seed=0, batch_size=4, temperature=0.0)
+    assert [[r.ids for r in rs] for rs in same] == [[g.ids] * 3 for g in greedy]
+    # at the chat's settings: the same seed gives the same samples, another seed others
+    a = engine.sample_replies(model, tok, prompts, 4, 10, "cpu", seed=7, batch_size=5)
+    b = engine.sample_replies(model, tok, prompts, 4, 10, "cpu", seed=7, batch_size=5)
+    c = engine.sample_replies(model, tok, prompts, 4, 10, "cpu", seed=8, batch_size=5)
+    ids = lambda s: [[r.ids for r in rs] for rs in s]  # noqa: E731
+    assert ids(a) == ids(b) and ids(a) != ids(c) and len({tuple(r.ids) for r in a[0]}) > 1
+    assert engine.CHAT_SAMPLING == {"temperature": 0.7, "top_k": 50, "top_p": 0.9}  # generate.py's and serve.py's
+    import generate
+    assert (generate.temperature, generate.top_k, generate.top_p) == (0.7, 50, 0.9)

@@ -1,6 +1,11 @@
 import json
+import math
 import os
 
+import pytest
+
+import pipeline
+import trainer
 from conftest import run_script
 
 TINY = {
@@ -37,7 +42,20 @@ def test_the_whole_pipeline_runs_end_to_end_and_its_report_holds_every_stage(tmp
         for key in keys:
             assert key in metrics[stage], (stage, key)
             assert f"{key} {metrics[stage][key]:.4f}" in report  # the report shows the checkpoint's figure
-    assert "## Exact match on held-out checkable prompts" in report and "| numword |" in report
+    for stage in ("sft", "dpo", "ppo", "grpo"):  # every policy stage: greedy and sampled, exact and clean
+        for key in ("exact_match", "exact_match_sampled", "clean_rate", "clean_rate_sampled"):
+            assert 0 <= metrics[stage][key] <= 1 and set(metrics[stage][f"{key}_by_lang"]) <= {"en", "zh"}, key
+            assert f"{key} {metrics[stage][key]:.4f}" in report
+        assert metrics[stage]["eval_samples"] == 4 and (out / stage / "eval_prompts.jsonl").exists()
+    assert "zero_spread" in metrics["grpo"] and "zero_spread" not in metrics["ppo"]
+    for title in ("Exact match, greedy", "Exact match, sampled", "Clean-reply rate, greedy",
+                  "Clean-reply rate, sampled"):
+        assert f"## {title} on held-out checkable prompts" in report
+    assert "| numword |" in report and "| zh |" in report
+    against = report.split("## Against SFT")[1].split("##")[0]
+    for stage in ("dpo", "ppo", "grpo"):
+        row = next(line for line in against.splitlines() if line.startswith(f"| {stage} |"))
+        assert row.count("p = ") == 2, row  # the sign test for greedy and for sampled exact match
     assert "## The same held-out prompts, every stage" in report and "- grpo: " in report
     assert (out / "curves.png").stat().st_size > 1000 and (out / "sft" / "loss.png").exists()
     assert all(state["stages"][s]["tokens"] > 0 for s in state["stages"])
@@ -57,6 +75,45 @@ def test_the_whole_pipeline_runs_end_to_end_and_its_report_holds_every_stage(tmp
     assert "--resume=True" in (out / "logs" / "grpo.log").read_text()
     assert "grpo" in json.loads((out / "pipeline.json").read_text())["stages"]
     assert os.path.exists(out / "grpo" / "ckpt.pt")
+
+    # the methods table: variant stages run from the same SFT model; the stages done already are kept
+    variants = run_script("pipeline.py", *args, "--stages=('pretrain', 'sft', 'dpo', 'dpo_ipo', 'grpo', 'grpo_none')",
+                          timeout=300)
+    assert variants.returncode == 0, variants.stderr[-3000:]
+    assert variants.stdout.count("done earlier") == 5  # prepare, pretrain, sft, dpo, grpo
+    log = (out / "logs" / "dpo_ipo.log").read_text()
+    assert "dpo.py" in log and "--loss_type=ipo" in log and f"--init_from={out / 'sft'}" in log
+    assert "--algo=grpo" in (out / "logs" / "grpo_none.log").read_text()
+    assert "--advantage_scale=none" in (out / "logs" / "grpo_none.log").read_text()
+    config = lambda stage: trainer.load_checkpoint(str(out / stage))["train_config"]  # noqa: E731
+    assert config("dpo_ipo")["loss_type"] == "ipo" and config("grpo_none")["advantage_scale"] == "none"
+    against = (out / "report.md").read_text().split("## Against SFT")[1].split("##")[0]
+    assert "| dpo_ipo |" in against and "| grpo_none |" in against
+
+
+def test_the_sign_test_against_hand_computed_binomial_tails():
+    # two-sided: 2 P(X <= min) for X ~ Binomial(wins + losses, 1/2), at most 1
+    assert pipeline.sign_test(1, 5) == 2 * (1 + 6) / 64          # 0.21875
+    assert pipeline.sign_test(5, 1) == 2 * (1 + 6) / 64          # symmetric
+    assert pipeline.sign_test(0, 10) == 2 / 1024                 # 0.00195
+    assert pipeline.sign_test(8, 2) == 2 * (1 + 10 + 45) / 1024  # 0.109375
+    assert pipeline.sign_test(3, 3) == 1.0 and pipeline.sign_test(0, 0) == 1.0
+    # large counts stay exact (no overflow of 2 ** n): 20 against 40 is p = 0.0135 (Binomial(60, 1/2) tail)
+    assert pipeline.sign_test(20, 40) == pytest.approx(2 * sum(math.comb(60, i) for i in range(21)) / 2 ** 60)
+    assert 0.013 < pipeline.sign_test(20, 40) < 0.014
+
+
+def test_paired_counts_compare_the_same_prompts_and_leave_ties_out():
+    stage = {0: {"right": 1, "sampled_right": 2}, 1: {"right": 0, "sampled_right": 4},
+             2: {"right": 1, "sampled_right": 1}, 9: {"right": 1, "sampled_right": 4}}  # 9: not scored by SFT
+    sft = {0: {"right": 0, "sampled_right": 2}, 1: {"right": 0, "sampled_right": 3},
+           2: {"right": 1, "sampled_right": 3}, 3: {"right": 0, "sampled_right": 0}}
+    assert pipeline.paired_counts(stage, sft, "right") == (1, 0)
+    assert pipeline.paired_counts(stage, sft, "sampled_right", 4, 4) == (1, 1)
+    # different sample counts compare shares: 2 of 4 against 4 of 8 is a tie, 4 of 4 against 3 of 8 a win
+    assert pipeline.paired_counts({0: {"sampled_right": 2}, 1: {"sampled_right": 4}},
+                                  {0: {"sampled_right": 4}, 1: {"sampled_right": 3}}, "sampled_right", 4, 8) == (1, 0)
+    assert pipeline.paired_counts(stage, {0: {"right": 1}}, "sampled_right") is None
 
 
 def test_an_unknown_stage_is_a_one_line_error(tmp_path):

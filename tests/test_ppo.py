@@ -25,11 +25,18 @@ def test_tiny_runs_complete_start_at_zero_kl_and_write_checkpoints_generate_load
     steps = [r for r in read_log(out) if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert abs(steps[0]["kl"]) < 1e-4  # the first rollout comes from the starting policy: the reference itself
-    for key in ("reward_mean", "reward_rm", "reward_checker", "kl", "response_length", "ended", "clip_frac"):
+    for key in ("reward_mean", "reward_checker", "kl", "response_length", "ended", "clip_frac"):
         assert key in steps[-1]
     assert ("value_loss" in steps[-1]) == (algo == "ppo")
-    for key in ("exact_match", "exact_match_start", "reward_mean", "kl"):
-        assert key in metrics
+    # PPO scores with the reward model and the checker, GRPO with the checker alone (its default rm_weight is 0)
+    assert ("reward_rm" in steps[-1]) == (algo == "ppo")
+    assert ("zero_spread" in steps[-1]) == (algo == "grpo") and ("zero_spread" in metrics) == (algo == "grpo")
+    for key in ("exact_match", "exact_match_start", "reward_mean", "kl", "exact_match_sampled", "clean_rate",
+                "clean_rate_sampled", "clean_rate_by_lang", "exact_match_sampled_by_task"):
+        assert key in metrics, key
+    assert metrics["eval_samples"] == 4 and (out / "eval_prompts.jsonl").exists()
+    evals = [r for r in read_log(out) if "exact_match" in r]  # steps 0 and 3: sampled at the final one only
+    assert [(r["step"], "exact_match_sampled" in r) for r in evals] == [(0, False), (3, True)]
     ckpt = trainer.load_checkpoint(str(out), stages=("ppo",))
     assert ckpt["train_config"]["algo"] == algo and (out / "reward.png").exists()
     r = run_script("generate.py", f"--ckpt={out}", "--prompt=3+4?", "--max_new_tokens=4", "--device=cpu")
@@ -70,10 +77,13 @@ def test_bad_settings_are_one_line_errors(world_data, sft_ckpt, reward_ckpt, tmp
 
 
 @pytest.mark.parametrize("arg,fragment", [("--temperature=1e-39", "--temperature must be >= 1e-05"),
-                                          ("--temperature=1e999", "--temperature"), ("--top_k=-1", "--top_k")])
+                                          ("--temperature=1e999", "--temperature"),
+                                          ("--top_k=50", "unknown key --top_k"), ("--top_p=0.9", "unknown key --top_p"),
+                                          ("--advantage_scale=std", "--advantage_scale")])
 def test_sampling_settings_no_rollout_can_use_are_one_line_errors(arg, fragment):
     # a temperature that small made logits / temperature inf in the rollouts' log-probabilities; checked before
-    # anything is loaded
+    # anything is loaded. Rollouts have no top-k/top-p: a cut sampler would not draw from the distribution whose
+    # log-probs the ratio and the KL use
     one_line_error(run_script("ppo.py", arg), fragment)
 
 

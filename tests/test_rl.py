@@ -1,8 +1,14 @@
 """The estimators of RL from feedback (rl.py), each checked against values computed by hand."""
+import random
+
 import pytest
 import torch
 
+import model as model_module
 import rl
+from common import UserError
+from model import GPT, ModelConfig
+from tokenizer import Tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ estimators by hand
@@ -66,6 +72,32 @@ def test_grpo_advantages_with_the_unbiased_std():
     assert (adv[4:] == 0).all()  # a group that all scores the same teaches nothing
 
 
+def test_grpo_advantage_scalings_by_hand():
+    """group (GRPO), batch (one std for the batch) and none (Dr. GRPO): a scaling that divided by the wrong std, or
+    did not centre on the group mean, would show here."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    centred = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(rl.grpo_advantages(scores, 4, "none"), centred)
+    # batch: mean 0.5, squared deviations 4 x 0.25 = 1 over 7 (unbiased): std 1/sqrt(7) = 0.37796
+    torch.testing.assert_close(rl.grpo_advantages(scores, 4, "batch"), centred / (7 ** -0.5 + 1e-4))
+    torch.testing.assert_close(rl.grpo_advantages(scores, 4, "group"), rl.grpo_advantages(scores, 4))
+    # two groups of different spread: group scaling gives both the same size, batch keeps their ratio (1 : 2)
+    scores = torch.tensor([0.0, 1.0, 0.0, 2.0])
+    torch.testing.assert_close(rl.grpo_advantages(scores, 2, "group", eps=0.0),
+                               torch.tensor([-1.0, 1, -1, 1]) / 2 ** 0.5)
+    # batch std: mean 0.75, squared deviations 0.5625 + 0.0625 + 0.5625 + 1.5625 = 2.75 over 3
+    torch.testing.assert_close(rl.grpo_advantages(scores, 2, "batch", eps=0.0),
+                               torch.tensor([-0.5, 0.5, -1.0, 1.0]) / (2.75 / 3) ** 0.5)
+    with pytest.raises(UserError, match="advantage_scale"):
+        rl.grpo_advantages(scores, 2, "std")
+
+
+def test_zero_spread_share_counts_groups_whose_samples_all_score_the_same():
+    assert rl.zero_spread_share(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]), 4) == 0.5
+    assert rl.zero_spread_share(torch.tensor([0.0, 0, 0, 0, 1, 0, 1, 0, 1, 1, 1, 1]), 4) == pytest.approx(2 / 3)
+    assert rl.zero_spread_share(torch.tensor([0.0, 0, 1, 0, 1, 1, 2, 3]), 2) == 0.5
+
+
 def test_kl_estimators_are_zero_for_the_same_model_and_match_their_formulas():
     logp = torch.tensor([-1.0, -2.0, -0.5])
     for kind in ("k1", "k3"):
@@ -99,3 +131,38 @@ def test_prompt_and_padding_tokens_get_no_gradient():
     moved = logits.grad.abs().sum(-1) > 0                       # position t predicts token t + 1
     predicts_response = torch.nn.functional.pad(mask[:, 1:], (0, 1)).bool()
     assert torch.equal(moved, predicts_response)
+
+
+# ------------------------------------------------------------------------------------------------ one distribution
+
+def test_rollout_old_logps_are_the_log_probs_the_sampler_drew_each_token_with(monkeypatch):
+    """The ratio and the KL need log pi_old of each sampled token under the distribution it was drawn from. Record
+    what the sampler draws from at every step (logits / temperature, no top-k or top-p cut: any cut would make
+    the recorded distribution differ) and compare with response_logps of the rollout's teacher-forced pass, with
+    prompts of different lengths (left padding in generation, right padding in scoring)."""
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran to see one big red dog".split()
+    tok = Tokenizer.train([" ".join(rng.choice(words) for _ in range(10)) for _ in range(300)], vocab_size=300)
+    torch.manual_seed(0)
+    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    temperature = 0.8
+    drawn = []  # per generation step: (B,) log-probs of the drawn tokens under the sampler's distribution
+    original = model_module.sample
+
+    def recording_sample(logits, temperature_, top_k=None, top_p=None, generator=None):
+        assert temperature_ == temperature and not top_k and top_p in (None, 1.0), "rollouts sample uncut"
+        token = original(logits, temperature_, top_k, top_p, generator)
+        drawn.append(torch.log_softmax(logits.float() / temperature_, -1).gather(1, token[:, None])[:, 0])
+        return token
+    monkeypatch.setattr(model_module, "sample", recording_sample)
+    prompts = [tok.encode("the cat sat on"), tok.encode("one big red dog ran to see the"), [tok.eot_id]]
+    gen = torch.Generator().manual_seed(3)
+    replies, responses, seqs, resp_mask = rl.sample_rollouts(policy, tok, prompts, 10, "cpu", temperature, gen)
+    logps = rl.response_logps(policy(seqs)[0], seqs, resp_mask, temperature)
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        assert seqs[b, :len(prompt)].tolist() == prompt and seqs[b, len(prompt):len(prompt) + len(response)].tolist() \
+            == response and resp_mask[b].sum() == len(response)
+        got = logps[b, len(prompt):len(prompt) + len(response)]
+        want = torch.stack([drawn[t][b] for t in range(len(response))])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(len(r) for r in responses) > 10

@@ -607,3 +607,58 @@ def test_shuffled_batches_cover_every_item_once_per_epoch():
     assert not np.array_equal(flat, np.concatenate([trainer.shuffled_batch(n, bs, k, seed=4) for k in range(5)]))
     assert [list(trainer.ordered_batch(n, bs, k)) for k in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert trainer.ordered_batch(n, bs, 3) is None
+
+
+def test_reply_metrics_count_right_and_clean_replies_per_language_and_task():
+    """Hand-made replies: clean, wrong-language and pleasantry replies in both languages (a wrong reply can be clean
+    and a right one flawed), greedy and k = 4 samples; every rate computed by hand."""
+    rows = [{"answer": "85", "task": "add", "lang": "en"}, {"answer": "上海", "task": "fact", "lang": "zh"},
+            {"answer": "Shanghai", "task": "fact", "lang": "en"}, {"answer": "85", "task": "add", "lang": "zh"}]
+    greedy = ["37 + 48 = 85",                    # right, clean
+              "Anna Wang lives in Shanghai.",    # a zh question answered in English: wrong and not clean
+              "Anna Wang lives in Beijing.",     # wrong but clean
+              "37 + 48 = 85"]                    # digits belong to both languages: right, clean
+    # right / clean samples: 2 / 2, 2 / 3, 4 / 4, 2 / 4
+    sampled = [["37 + 48 = 85", "37 + 48 = 85 Hope this helps!", "37加48等于85。", "37 + 48 = 86"],
+               ["王安娜住在上海。", "王安娜住在上海。", "王安娜住在上海。希望对你有帮助！", "王安娜住在北京。"],
+               ["Anna Wang lives in Shanghai."] * 4,
+               ["37 + 48 = 85", "37 + 48 = 85", "37 + 48 = 86", "37 + 48 = 86"]]
+    m, verdicts = trainer.reply_metrics(rows, greedy, sampled)
+    assert [(v["right"], v["clean"], v["sampled_right"], v["sampled_clean"]) for v in verdicts] == \
+        [(1, 1, 2, 2), (0, 0, 2, 3), (0, 1, 4, 4), (1, 1, 2, 4)]
+    assert (m["exact_match"], m["exact_match_by_lang"], m["exact_match_by_task"]) == \
+        (0.5, {"en": 0.5, "zh": 0.5}, {"add": 1.0, "fact": 0.0})
+    assert (m["clean_rate"], m["clean_rate_by_lang"], m["clean_rate_by_task"]) == \
+        (0.75, {"en": 1.0, "zh": 0.5}, {"add": 1.0, "fact": 0.5})
+    # sampled: the mean over prompts of each prompt's share of right (clean) samples
+    assert (m["exact_match_sampled"], m["exact_match_sampled_by_lang"], m["exact_match_sampled_by_task"]) == \
+        (0.625, {"en": 0.75, "zh": 0.5}, {"add": 0.5, "fact": 0.75})
+    assert (m["clean_rate_sampled"], m["clean_rate_sampled_by_lang"], m["clean_rate_sampled_by_task"]) == \
+        (0.8125, {"en": 0.75, "zh": 0.875}, {"add": 0.75, "fact": 0.875})
+    assert m["eval_samples"] == 4
+    greedy_only, _ = trainer.reply_metrics(rows, greedy)
+    assert "exact_match_sampled" not in greedy_only and greedy_only["clean_rate"] == 0.75
+
+
+def test_sampled_evaluation_is_reproducible_runs_at_the_final_step_only_and_writes_per_prompt_verdicts(tmp_path,
+                                                                                                       tok):
+    write_prompts(tmp_path / "d", tok)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    rt = trainer.setup("cpu", "auto", 0, False)
+    out = tmp_path / "out"
+    ev = trainer.ExactMatchEval(str(tmp_path / "d"), tok, rt, 640, 12, eval_samples=3, final_step=10,
+                                out_dir=str(out), seed=5)
+    mid = ev(model, {"step": 5})
+    assert "exact_match_sampled" not in mid and "clean_rate" in mid      # not the final evaluation: greedy only
+    lines = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    assert [v["id"] for v in lines] == [0, 1, 2, 3, 4, 6]                # prompt 5 has no answer: not scored
+    assert all("sampled_right" not in v for v in lines)
+    final = ev(model, {"step": 10})
+    again = ev(model, {"step": 10})
+    assert final == again, "the sampled evaluation is seeded: the same model gives the same figures"
+    assert final["eval_samples"] == 3 and {"exact_match_sampled", "clean_rate_sampled_by_task"} <= set(final)
+    lines = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    assert all(0 <= v["sampled_right"] <= 3 and 0 <= v["sampled_clean"] <= 3 for v in lines)
+    assert final["exact_match_sampled"] == pytest.approx(sum(v["sampled_right"] for v in lines) / (3 * len(lines)))
+    assert final["clean_rate"] == pytest.approx(sum(v["clean"] for v in lines) / len(lines))

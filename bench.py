@@ -558,7 +558,7 @@ def stage_decode_seconds(stage, compile, quick, threads):
     m = GPT(ModelConfig(**DECODE_MODELS["cpu preset"])).eval()
     lengths = torch.randint(20, 60, (STAGE_EVAL_PROMPTS // (5 if quick else 1),)).sort(descending=True).values
     t0 = time.perf_counter()
-    if stage == "evaluation":  # trainer.evaluate_exact_match: longest prompts first, greedy
+    if stage == "evaluation":  # evaluation.evaluate_exact_match: longest prompts first, greedy
         for i in range(0, len(lengths), 32):
             idx, mask = model.left_pad([list(range(1, int(n) + 1)) for n in lengths[i:i + 32]], 0)
             m.generate(idx, 40, temperature=0, attention_mask=mask, compile=compile)

@@ -33,6 +33,7 @@ best.pt, adapter.pt for LoRA, metrics.jsonl, loss.png to out_dir.
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import prepare
 import trainer
 from model import disable_dropout
@@ -204,7 +205,7 @@ def main():
             loss = loss - rpo_alpha * (logps[:B] / n[:B]).sum()
         return (loss + aux_loss * B) / totals["pairs"], metrics
 
-    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+    evaluate = evaluation.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
                                       eval_samples, max_iters, out_dir, seed)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="dpo", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),

@@ -316,7 +316,7 @@ def sign_test(wins, losses):
 
 
 def read_verdicts(folder):
-    """A stage's per-prompt verdicts (trainer.ExactMatchEval's eval_prompts.jsonl) by prompt id; {} without."""
+    """A stage's per-prompt verdicts (evaluation.ExactMatchEval's eval_prompts.jsonl) by prompt id; {} without."""
     path = os.path.join(folder, "eval_prompts.jsonl")
     if not os.path.exists(path):
         return {}

@@ -45,11 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import prepare
 import rl
 import trainer
 import world
-from model import GREEDY_BELOW, check_sampling, disable_dropout
+from model import disable_dropout
 
 # -----------------------------------------------------------------------------
 dataset = 'world'
@@ -121,30 +122,9 @@ SUMMARY_KEYS = {"ppo": ("reward_mean", "kl"), "grpo": ("reward_mean", "kl", "zer
 
 def main():
     cfg = trainer.configure(globals())
-    if algo not in ("ppo", "grpo"):
-        raise trainer.UserError(f"--algo must be ppo or grpo, got {algo!r}")
-    if kl_estimator not in ("k1", "k3"):
-        raise trainer.UserError(f"--kl_estimator must be k1 or k3, got {kl_estimator!r}")
-    G = group_size or (1 if algo == "ppo" else 8)
-    if algo == "grpo" and G < 2:
-        raise trainer.UserError(f"--group_size={G}: GRPO needs at least 2 samples per prompt")
-    if batch_size < G or batch_size % G:
-        raise trainer.UserError(f"--batch_size={batch_size} must be a multiple of --group_size={G}")
-    cfg["rm_weight"] = rm_w = rm_weight if rm_weight >= 0 else DEFAULT_RM_WEIGHT[algo]
-    if rm_w == 0 and checker_weight == 0:
-        raise trainer.UserError("--rm_weight and --checker_weight are both 0: there is no reward")
-    check_sampling(temperature)
-    if advantage_scale not in rl.ADVANTAGE_SCALES:
-        raise trainer.UserError(f"--advantage_scale must be one of {', '.join(rl.ADVANTAGE_SCALES)}, "
-                                f"got {advantage_scale!r}")
-    if temperature < GREEDY_BELOW:  # the log-probs are taken under logits / temperature: they need a real sampler
-        raise trainer.UserError(f"--temperature must be >= {GREEDY_BELOW:g} for sampling rollouts, got {temperature}")
-    if ppo_epochs < 1 or minibatch_size < 1 or max_new_tokens < 1:
-        raise trainer.UserError("--ppo_epochs, --minibatch_size and --max_new_tokens must be at least 1")
-    if "RANK" in os.environ:
-        raise trainer.UserError("ppo.py runs in one process (its rollouts are not split across torchrun workers)")
+    G, rm_w = rl.check_settings(cfg, DEFAULT_RM_WEIGHT.get(algo, 0.0))
+    cfg["group_size"], cfg["rm_weight"] = G, rm_w
     cfg["out_dir"] = out = out_dir or os.path.join("checkpoints", algo)
-    cfg["group_size"] = G
     cfg["kl_coef"] = kl_coef or DEFAULT_KL_COEF[algo]
     lr = cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
     rt = trainer.setup(device, dtype, seed, compile)
@@ -287,7 +267,7 @@ def main():
             run["kl_coef"] *= 1 + error * batch_size / kl_horizon
         return record, int(mask.numel()), bool(stop.signum)  # tokens: the padded batch of prompts + responses
 
-    exact_match = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+    exact_match = evaluation.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
                                          eval_samples, max_iters, out, seed)
 
     def evaluate(model, metrics):

@@ -1,15 +1,17 @@
 """
 The pieces of reinforcement learning from feedback that ppo.py (PPO and GRPO) is built from: the reward model's
-scores, advantages (GAE, whitening, group baselines), KL estimators and the clipped policy and value losses.
+scores, advantages (GAE, whitening, group baselines), KL estimators, the clipped policy and value losses, and the check of ppo.py's settings.
 Pure functions of tensors, checked against hand-computed values in tests/test_rl.py.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 import engine
 from common import UserError, load_checkpoint
 from engine import model_from_checkpoint
-from model import ModelConfig, ScoreModel
+from model import GREEDY_BELOW, ModelConfig, ScoreModel, check_sampling
 from trainer import pad_right, token_logps
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,3 +183,35 @@ def response_logps(logits, seqs, resp_mask, temperature):
     (B, T) aligned with seqs: entry t is log p(seqs[t] | seqs[:t]); entry 0 is 0. Only response entries are used."""
     logps = token_logps(logits[:, :-1] / temperature, seqs[:, 1:])
     return F.pad(logps, (1, 0)) * resp_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings
+
+def check_settings(cfg, default_rm_weight):
+    """ppo.py's settings that no run can honour, as a UserError naming the key. Returns (group_size: rollouts per
+    prompt, 1 for PPO and 8 for GRPO unless set; rm_weight: default_rm_weight when the setting is negative)."""
+    algo = cfg["algo"]
+    if algo not in ("ppo", "grpo"):
+        raise UserError(f"--algo must be ppo or grpo, got {algo!r}")
+    if cfg["kl_estimator"] not in ("k1", "k3"):
+        raise UserError(f"--kl_estimator must be k1 or k3, got {cfg['kl_estimator']!r}")
+    G = cfg["group_size"] or (1 if algo == "ppo" else 8)
+    if algo == "grpo" and G < 2:
+        raise UserError(f"--group_size={G}: GRPO needs at least 2 samples per prompt")
+    if cfg["batch_size"] < G or cfg["batch_size"] % G:
+        raise UserError(f"--batch_size={cfg['batch_size']} must be a multiple of --group_size={G}")
+    rm_weight = cfg["rm_weight"] if cfg["rm_weight"] >= 0 else default_rm_weight
+    if rm_weight == 0 and cfg["checker_weight"] == 0:
+        raise UserError("--rm_weight and --checker_weight are both 0: there is no reward")
+    check_sampling(cfg["temperature"])
+    if cfg["advantage_scale"] not in ADVANTAGE_SCALES:
+        raise UserError(f"--advantage_scale must be one of {', '.join(ADVANTAGE_SCALES)}, "
+                        f"got {cfg['advantage_scale']!r}")
+    if cfg["temperature"] < GREEDY_BELOW:  # the log-probs are taken under logits / temperature: a real sampler
+        raise UserError(f"--temperature must be >= {GREEDY_BELOW:g} for sampling rollouts, got {cfg['temperature']}")
+    if cfg["ppo_epochs"] < 1 or cfg["minibatch_size"] < 1 or cfg["max_new_tokens"] < 1:
+        raise UserError("--ppo_epochs, --minibatch_size and --max_new_tokens must be at least 1")
+    if "RANK" in os.environ:
+        raise UserError("ppo.py runs in one process (its rollouts are not split across torchrun workers)")
+    return G, rm_weight

@@ -14,10 +14,11 @@ oldest prompt tokens (trainer.fit_sequence), and how many were cut is printed.
 Evaluation: val loss, and on held-out checkable prompts, when the data set has them (the embedded world does),
 exact match (world.check_answer) and the clean-reply rate (world.is_clean_reply) of the greedy replies and, at the
 final evaluation, of eval_samples sampled replies per prompt at the chat's settings, each overall, per task family
-and per language (trainer.ExactMatchEval; per-prompt verdicts in eval_prompts.jsonl). Writes
+and per language (evaluation.ExactMatchEval; per-prompt verdicts in eval_prompts.jsonl). Writes
 ckpt.pt (LoRA merged, so the next stage loads a plain model), best.pt, adapter.pt for LoRA/QLoRA, metrics.jsonl
 and loss.png to out_dir, prints a few sample answers and, last, a JSON line with the final metrics.
 """
+import evaluation
 import prepare
 import trainer
 
@@ -107,7 +108,7 @@ def main():
         # x its share of the step's answer tokens: every answer token weighs the same, whatever batch it is in
         return loss * (loss_mask.sum() / totals["tokens"]), {}
 
-    evaluate = trainer.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
+    evaluate = evaluation.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
                                       eval_samples, max_iters, out_dir, seed)
     metrics = trainer.train(model, loss_fn, get_batch, cfg, rt, stage="sft", count=count, evaluate=evaluate,
                             checkpoint_entries=lambda: trainer.model_entries(model, tokenizer),

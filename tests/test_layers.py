@@ -12,7 +12,7 @@ LAYERS = {
     "common": 0,
     "model": 1, "tokenizer": 1, "world": 1,
     "quantize": 2, "lora": 2, "prepare": 2, "engine": 2,
-    "trainer": 3, "rl": 3,
+    "evaluation": 3, "trainer": 3, "rl": 3,
     "pretrain": 4, "sft": 4, "dpo": 4, "reward_model": 4, "ppo": 4, "generate": 4, "pipeline": 4, "bench": 4,
     "serve": 4, "convert": 4,
 }

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import trainer
+import evaluation
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
@@ -567,7 +568,7 @@ def test_exact_match_scores_with_world_check_answer_per_task_and_language(tmp_pa
     seqs = write_prompts(tmp_path / "d", tok)
     model = Oracle(tok, {tuple(s): p[4] for s, p in zip(seqs, PROMPTS)})
     model.train()
-    r = trainer.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_new_tokens=40, batch_size=4,
+    r = evaluation.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_new_tokens=40, batch_size=4,
                                      n_samples=10)
     assert model.training, "the model's mode is restored"
     assert r["exact_match_n"] == 6 and r["exact_match"] == pytest.approx(4 / 6)
@@ -576,7 +577,7 @@ def test_exact_match_scores_with_world_check_answer_per_task_and_language(tmp_pa
     scored = [p for p in PROMPTS if p[1] is not None]
     assert [s[1:] for s in r["samples"]] == [[p[4], p[1], ok] for p, ok in zip(scored, [1, 0, 1, 1, 0, 1])]
     assert r["samples"][0][0] == "What is 37 + 48?"  # the prompt, special tokens left out
-    r = trainer.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_prompts=2, max_new_tokens=40)
+    r = evaluation.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_prompts=2, max_new_tokens=40)
     assert r["exact_match_n"] == 2 and r["exact_match"] == 0.5
 
 
@@ -589,9 +590,9 @@ def test_exact_match_batched_generation_equals_one_prompt_at_a_time(tmp_path, to
     with torch.no_grad():  # a sharp head that never picks a special token, so there are answers to compare
         model.lm_head.weight.normal_()
         model.lm_head.weight[sorted(tok.special_ids)] = 0.0
-    one = trainer.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_new_tokens=12, batch_size=1,
+    one = evaluation.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_new_tokens=12, batch_size=1,
                                        n_samples=10)
-    four = trainer.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_new_tokens=12, batch_size=4,
+    four = evaluation.evaluate_exact_match(model, tok, str(tmp_path / "d"), "cpu", max_new_tokens=12, batch_size=4,
                                         n_samples=10)
     assert [s[1] for s in one["samples"]] == [s[1] for s in four["samples"]]
     assert all(len(s[1]) > 5 for s in one["samples"]) and len({s[1] for s in one["samples"]}) > 1
@@ -623,7 +624,7 @@ def test_reply_metrics_count_right_and_clean_replies_per_language_and_task():
                ["王安娜住在上海。", "王安娜住在上海。", "王安娜住在上海。希望对你有帮助！", "王安娜住在北京。"],
                ["Anna Wang lives in Shanghai."] * 4,
                ["37 + 48 = 85", "37 + 48 = 85", "37 + 48 = 86", "37 + 48 = 86"]]
-    m, verdicts = trainer.reply_metrics(rows, greedy, sampled)
+    m, verdicts = evaluation.reply_metrics(rows, greedy, sampled)
     assert [(v["right"], v["clean"], v["sampled_right"], v["sampled_clean"]) for v in verdicts] == \
         [(1, 1, 2, 2), (0, 0, 2, 3), (0, 1, 4, 4), (1, 1, 2, 4)]
     assert (m["exact_match"], m["exact_match_by_lang"], m["exact_match_by_task"]) == \
@@ -636,7 +637,7 @@ def test_reply_metrics_count_right_and_clean_replies_per_language_and_task():
     assert (m["clean_rate_sampled"], m["clean_rate_sampled_by_lang"], m["clean_rate_sampled_by_task"]) == \
         (0.8125, {"en": 0.75, "zh": 0.875}, {"add": 0.75, "fact": 0.875})
     assert m["eval_samples"] == 4
-    greedy_only, _ = trainer.reply_metrics(rows, greedy)
+    greedy_only, _ = evaluation.reply_metrics(rows, greedy)
     assert "exact_match_sampled" not in greedy_only and greedy_only["clean_rate"] == 0.75
 
 
@@ -647,7 +648,7 @@ def test_sampled_evaluation_is_reproducible_runs_at_the_final_step_only_and_writ
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
     rt = trainer.setup("cpu", "auto", 0, False)
     out = tmp_path / "out"
-    ev = trainer.ExactMatchEval(str(tmp_path / "d"), tok, rt, 640, 12, eval_samples=3, final_step=10,
+    ev = evaluation.ExactMatchEval(str(tmp_path / "d"), tok, rt, 640, 12, eval_samples=3, final_step=10,
                                 out_dir=str(out), seed=5)
     mid = ev(model, {"step": 5})
     assert "exact_match_sampled" not in mid and "clean_rate" in mid      # not the final evaluation: greedy only

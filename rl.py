@@ -1,7 +1,8 @@
 """
 The pieces of reinforcement learning from feedback that ppo.py (PPO and GRPO) is built from: the reward model's
-scores, advantages (GAE, whitening, group baselines), KL estimators, the clipped policy and value losses, and the check of ppo.py's settings.
-Pure functions of tensors, checked against hand-computed values in tests/test_rl.py.
+scores, advantages (GAE, whitening, group baselines), KL estimators, the clipped policy and value losses (pure
+functions of tensors, checked against hand-computed values in tests/test_rl.py), rollouts, and the check of
+ppo.py's settings.
 """
 import os
 

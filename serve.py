@@ -20,6 +20,7 @@ import asyncio
 import collections
 import hmac
 import json
+import math
 import os
 import socket
 import sys
@@ -241,7 +242,8 @@ def number(body, key, default, ok, rule):
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    # json.loads takes Infinity and NaN: refused here, or they would fail the whole batch in the decode thread
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise BadRequest(f"'{key}' must be a number, got {json.dumps(v)[:50]}", key)
     if not ok(v):
         raise BadRequest(f"'{key}' must be {rule}, got {v}", key)
@@ -268,7 +270,7 @@ def sampling(body, cfg, prompt_len, block_size, rng, param):
     want = integer(body, key, cfg["max_tokens"], lambda v: v >= 1, "at least 1")
     temp = number(body, "temperature", cfg["temperature"], lambda v: v >= 0, ">= 0")
     p = number(body, "top_p", cfg["top_p"], lambda v: 0 < v <= 1, "in (0, 1]")
-    s = integer(body, "seed", None, lambda v: True, "")
+    s = integer(body, "seed", None, lambda v: 0 <= v < 2**63, "in [0, 2**63)")  # what torch.Generator takes
     if s is None:
         s = int(torch.randint(0, 2**62, (1,), generator=rng))
     stop = body.get("stop")

@@ -259,6 +259,11 @@ BAD = [  # (raw body, the field, a fragment of the message)
     ({"messages": user("hi"), "stop": 3}, "stop", "'stop' must be"),
     ({"messages": user("hi"), "stream": "yes"}, "stream", "true or false"),
     ({"messages": user("hi"), "seed": 1.5}, "seed", "must be an integer"),
+    # accepted by json.loads, but no sampler or generator can use them: one such request once failed its whole batch
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature", "must be a number"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', "top_p", "must be a number"),
+    ({"messages": user("hi"), "seed": 2**64}, "seed", "in [0, 2**63)"),
+    ({"messages": user("hi"), "seed": -1}, "seed", "in [0, 2**63)"),
 ]
 
 

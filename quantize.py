@@ -10,7 +10,8 @@ Homemade weight quantization in plain PyTorch (no bitsandbytes), so it runs on C
 `Linear4bit` / `Linear8bit` keep the packed weight in buffers (so the state dict holds the packed data) and
 dequantize on the fly, in row chunks, in forward and again in backward: only the gradient w.r.t. the input is
 computed (the base is frozen), which is what QLoRA needs to reach adapters in earlier layers, and no dequantized
-weight stays alive between forward and backward.
+weight stays alive between forward and backward. Linear8bit's inference forward (no gradient to the input) reads the
+int8 weight directly instead: y = (x q^T) * scale, through PyTorch's int8 weight-only kernel where it is fast.
 
 CLI: python quantize.py --ckpt=checkpoints/sft/ckpt.pt --mode=nf4|int8 [--out=...]
 writes a quantized checkpoint that generate.py can chat with, and prints sizes and the change in val loss.

@@ -10,7 +10,8 @@ Homemade weight quantization in plain PyTorch (no bitsandbytes), so it runs on C
 `Linear4bit` / `Linear8bit` keep the packed weight in buffers (so the state dict holds the packed data) and
 dequantize on the fly, in row chunks, in forward and again in backward: only the gradient w.r.t. the input is
 computed (the base is frozen), which is what QLoRA needs to reach adapters in earlier layers, and no dequantized
-weight stays alive between forward and backward.
+weight stays alive between forward and backward. Linear8bit's inference forward (no gradient to the input) reads the
+int8 weight directly instead: y = (x q^T) * scale, through PyTorch's int8 weight-only kernel where it is fast.
 
 CLI: python quantize.py --ckpt=checkpoints/sft/ckpt.pt --mode=nf4|int8 [--out=...]
 writes a quantized checkpoint that generate.py can chat with, and prints sizes and the change in val loss.
@@ -284,6 +285,50 @@ class Linear8bit(QuantLinear):
     def dequantize(self, dtype=torch.float32, row_start=0, row_end=None):
         w = self.weight[row_start:row_end]
         return (w.float() * self.scale[row_start:row_end].float()[:, None]).to(dtype)
+
+    def forward(self, x):
+        """x (..., in_features) -> (..., out_features). Without a gradient to x, y = (x q^T) * scale straight from the
+        int8 weight q (no dequantized copy): on CUDA, and in bf16 on CPU, PyTorch's int8 weight-only kernel
+        aten._weight_int8pack_mm; elsewhere on CPU the int8 rows are widened for the matmul and the scale is applied
+        to the output (one pass over the weight instead of two). Training (a gradient must reach x, as for LoRA on a
+        frozen base) and MPS take QuantLinear's chunked dequantize path."""
+        if (torch.is_grad_enabled() and x.requires_grad) or x.device.type not in ("cpu", "cuda"):
+            return super().forward(x)
+        dtype = _compute_dtype(x)
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        y = None
+        if _int8pack_usable(x.device.type, dtype, self.in_features):
+            y = _int8pack_mm(x2, self.weight, self.scale.to(dtype))
+        if y is None:
+            y = F.linear(x2, self.weight.to(dtype)) * self.scale.to(dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+_INT8PACK_UNSUPPORTED = set()  # (device type, dtype) where the kernel raised: not tried again
+
+
+def _int8pack_usable(device_type, dtype, in_features):
+    # CPU, torch 2.13: only the bf16 kernel is vectorized (the fp32 one is scalar code, ~10x slower than an fp32
+    # matmul at batch 1 on AVX-512), fp16 raises, and the bf16 kernel reads out of bounds (segfault) when
+    # in_features is not a multiple of 16: used only for in_features % 64 == 0 (SmolLM2's 576 and 1536); other
+    # widths take the widened path
+    if device_type == "cpu":
+        return dtype == torch.bfloat16 and in_features % 64 == 0
+    return device_type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16) and in_features % 64 == 0
+
+
+def _int8pack_mm(x2d, weight, scale):
+    """aten._weight_int8pack_mm(x (M, K) fp32/bf16/fp16, int8 weight (N, K), scale (N,) in x's dtype) -> (M, N)
+    = x (q * scale[:, None])^T, or None where this PyTorch build has no kernel for the device and dtype."""
+    key = (x2d.device.type, x2d.dtype)
+    if key in _INT8PACK_UNSUPPORTED:
+        return None
+    try:
+        return torch.ops.aten._weight_int8pack_mm(x2d.contiguous(), weight, scale)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        _INT8PACK_UNSUPPORTED.add(key)
+        return None
 
 
 # -----------------------------------------------------------------------------

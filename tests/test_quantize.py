@@ -208,6 +208,78 @@ def test_int8_per_channel_error_within_half_step_and_forward():
     assert torch.allclose(x.grad, m.dequantize().sum(0).expand(6, 40), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 37), (1, 1, 37), (3, 5, 37)])
+def test_linear8bit_inference_reads_int8_weight_and_equals_dequantized_matmul(bias, shape, monkeypatch):
+    # guards against the inference forward widening and scaling the whole weight on every call (0.12x fp32 decoding
+    # on SmolLM2): without a gradient to x it must not call dequantize, and must still equal x W^T + b in fp32
+    torch.manual_seed(3)
+    m = Q.Linear8bit.from_linear(nn.Linear(37, 23, bias=bias))
+    x = torch.randn(*shape)
+    ref = torch.nn.functional.linear(x, m.dequantize(), m.bias)
+    monkeypatch.setattr(Q.Linear8bit, "dequantize", lambda *a, **k: pytest.fail("inference dequantized the weight"))
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == (*shape[:-1], 23) and y.dtype == torch.float32
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(m(x), ref, atol=1e-5, rtol=1e-5)  # grad enabled but x needs none: the same fast path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8pack_kernel_convention_matches_per_output_channel_scale(dtype):
+    # the aten kernel takes the weight as (out, in) and one scale per output row in x's dtype: a transposed weight
+    # or a per-input scale would give wrong outputs on the devices that use it (CUDA, bf16/fp16 on CPU)
+    torch.manual_seed(4)
+    m = Q.Linear8bit.from_linear(nn.Linear(64, 11, bias=False))  # the CPU bf16 kernel needs in_features % 16 == 0
+    x = torch.randn(5, 64)
+    y = Q._int8pack_mm(x.to(dtype), m.weight, m.scale.to(dtype))
+    if y is None:
+        pytest.skip(f"this PyTorch build has no CPU int8 weight-only kernel for {dtype}")
+    ref = x.double() @ (m.weight.double() * m.scale.double()[:, None]).T
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and torch.allclose(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("in_features", [64, 37])
+def test_linear8bit_bf16_model_forward_is_close_to_fp32(in_features):
+    # 64 takes the kernel, 37 the widened path: the kernel crashes on rows that are not a multiple of 16
+    torch.manual_seed(5)
+    m = Q.Linear8bit.from_linear(nn.Linear(in_features, 48))
+    x = torch.randn(2, 3, in_features)
+    with torch.no_grad():
+        ref = m(x)
+        y = copy.deepcopy(m).to(torch.bfloat16)(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, atol=3e-2 * ref.abs().max().item())
+
+
+def test_lora_over_int8_base_trains_with_adapter_gradients_of_the_float_model():
+    # LoRA training needs the input gradient through the frozen int8 base (the fast kernel has none): the adapters
+    # of the first layer must get the same gradients as autograd through the dequantized float weights
+    import lora
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    model = copy.deepcopy(float_model)
+    Q.quantize_model(model, "int8", skip=())
+    with torch.no_grad():
+        for i in (0, 2):
+            float_model[i].weight.copy_(model[i].dequantize())
+    for m in (model, float_model):
+        lora.apply_lora(m, r=4, alpha=8)
+    with torch.no_grad():
+        for (_, q), (_, f) in zip(lora.lora_layers(model), lora.lora_layers(float_model)):
+            q.lora_B.copy_(torch.randn(q.lora_B.shape) * 0.1)
+            f.lora_B.copy_(q.lora_B)
+            f.lora_A.copy_(q.lora_A)
+    x = torch.randn(8, 16)
+    model(x).pow(2).mean().backward()
+    float_model(x).pow(2).mean().backward()
+    for (n, q), (_, f) in zip(lora.lora_layers(model), lora.lora_layers(float_model)):
+        assert q.lora_A.grad is not None and q.lora_A.grad.abs().sum() > 0, n
+        assert torch.allclose(q.lora_A.grad, f.lora_A.grad, atol=1e-6, rtol=1e-4), n
+        assert torch.allclose(q.lora_B.grad, f.lora_B.grad, atol=1e-6, rtol=1e-4), n
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

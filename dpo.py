@@ -147,6 +147,7 @@ def main():
 
     # the reference: the policy's own frozen base (LoRA), or a frozen copy of the starting checkpoint
     reference_logits = trainer.frozen_reference(model, init, finetune, rt.device, nf4=ref_nf4)
+    del init  # the starting checkpoint's state dict: a LoRA/QLoRA run must not keep an fp32 copy alive
 
     data = {}
     for split in ("train", "val"):

@@ -138,6 +138,7 @@ def main():
     rm = rl.load_reward_model(reward_from, dev, tokenizer) if rm_w else None
     critic = (disable_dropout(rl.make_critic(init, rm, resume_from and resume_from["critic"])).to(dev)
               if algo == "ppo" else None)
+    del init  # the starting checkpoint's state dict: a LoRA/QLoRA run must not keep an fp32 copy alive
 
     prompts = prepare.load_prompts(dataset, "train")
     max_prompt = cfg["block_size"] - max_new_tokens

@@ -385,7 +385,11 @@ def test_a_full_queue_answers_503_and_the_server_stays_up(text_server):
             results[i] = (e.status_code, e.body["message"])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
-    for t in threads:
+    threads[0].start()  # decoding before the others arrive (else it may still hold the one queue place)
+    deadline = time.time() + 60
+    while text_server.health()["running"] < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    for t in threads[1:]:
         t.start()
     for t in threads:
         t.join(120)

@@ -46,7 +46,8 @@ import world
 # -----------------------------------------------------------------------------
 out_dir = 'checkpoints'        # every stage's folder, the logs and the report
 dataset = 'world'              # data/<dataset>/: what every stage trains on
-prepare_args = ('',)           # one prepare.py run per entry ('' = the embedded world); once per out_dir
+prepare_args = ('',)           # one prepare.py run per entry ('' = the embedded world; {dataset} and {data} are
+                               # --dataset and its folder); once per out_dir
 stages = ('pretrain', 'sft', 'dpo', 'reward', 'ppo', 'grpo')
 # extra arguments per stage (a config/PRESET.py and/or --key=value), after the ones the pipeline sets itself
 pretrain_args = ''
@@ -60,15 +61,19 @@ report_max_new_tokens = 40
 seed = 1337
 device = 'auto'
 restart = False                # True: run every stage again, even those that finished
+pool = ()                      # out_dirs of finished runs (seeds): write <out_dir>/seeds.md across them, run nothing
 # -----------------------------------------------------------------------------
 
 SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft.py", "dpo": "dpo.py", "reward": "reward_model.py",
            "ppo": "ppo.py", "grpo": "ppo.py"}
 # variant stages: a base stage's run with one setting changed, from the same start, in its own folder (for the
 # methods table: every DPO loss type and GRPO advantage scaling on the same SFT model)
+# ({dataset} is the run's --dataset). sft_clean is SFT on the same data without the demonstration flaws (prepared
+# by config/pipeline_seeds.py's second prepare run): the ceiling that removing the flaws can reach
 VARIANTS = {"dpo_ipo": ("dpo", "--loss_type=ipo"), "dpo_hinge": ("dpo", "--loss_type=hinge"),
             "dpo_simpo": ("dpo", "--loss_type=simpo"), "dpo_orpo": ("dpo", "--loss_type=orpo"),
-            "grpo_batch": ("grpo", "--advantage_scale=batch"), "grpo_none": ("grpo", "--advantage_scale=none")}
+            "grpo_batch": ("grpo", "--advantage_scale=batch"), "grpo_none": ("grpo", "--advantage_scale=none"),
+            "sft_clean": ("sft", "--dataset={dataset}_clean")}
 # what each stage starts from (the reward model is used by ppo and grpo through --reward_from)
 INIT_FROM = {"sft": "pretrain", "dpo": "sft", "reward": "sft", "ppo": "sft", "grpo": "sft"}
 # the headline figures of each stage, in the order the report shows them
@@ -97,7 +102,8 @@ def stage_command(stage, cfg):
         cmd.append(f"--init_from={os.path.join(cfg['out_dir'], INIT_FROM[base])}")
     if base in ("ppo", "grpo"):
         cmd += [f"--algo={base}", f"--reward_from={os.path.join(cfg['out_dir'], 'reward')}"]
-    return cmd + shlex.split(cfg[f"{base}_args"]) + ([VARIANTS[stage][1]] if stage in VARIANTS else [])
+    return cmd + shlex.split(cfg[f"{base}_args"]) + ([VARIANTS[stage][1].format(dataset=cfg["dataset"])]
+                                                     if stage in VARIANTS else [])
 
 
 def run_logged(cmd, log_path):
@@ -145,6 +151,12 @@ def main():
     if unknown:
         raise common.UserError(f"--stages: unknown stage(s) {unknown}; known: {', '.join([*SCRIPTS, *VARIANTS])}")
     os.makedirs(out_dir, exist_ok=True)
+    if pool:
+        path = os.path.join(out_dir, "seeds.md")
+        lines = pooled_report(pool)
+        common.write_atomic(path, lambda f: f.write("\n".join(lines)), mode="w")
+        print("\n".join(lines) + f"\nwritten to {path}")
+        return
     state_path = os.path.join(out_dir, "pipeline.json")
     state = {"stages": {}}
     if os.path.exists(state_path) and not restart:
@@ -165,7 +177,8 @@ def main():
         t0 = time.time()
         print(f"[1/{n}] prepare -> {data}", flush=True)
         for extra in prepare_args:
-            cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--dataset={dataset}", *shlex.split(extra)]
+            cmd = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--dataset={dataset}",
+                   *shlex.split(extra.format(dataset=dataset, data=data))]
             if run_logged(cmd, os.path.join(logs, "prepare.log")):
                 raise common.UserError(f"prepare failed: see {os.path.join(logs, 'prepare.log')}")
         state["prepare"] = list(prepare_args)
@@ -433,6 +446,74 @@ def against_sft(state, done):
             "| stage | time | exact match, greedy | better / worse, sign test | exact match, sampled | "
             "better / worse, sign test | clean, greedy | clean, sampled |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several runs (seeds) side by side
+
+def pooled_report(runs):
+    """The table across finished runs of the same data (one per seed): per policy stage, greedy and sampled exact
+    match on each run and their mean with its change against SFT; the sign test against SFT pooled over the runs
+    (each run's prompts are pairs of their own: wins and losses are summed over the runs, then sign_test); the
+    clean-reply rate; the share of the gap between SFT and sft_clean (clean-demonstration SFT) in mean sampled
+    exact match that the stage recovers, where every run has sft_clean; and the mean time."""
+    states = []
+    for run in runs:
+        path = os.path.join(run, "pipeline.json")
+        if not os.path.exists(path):
+            raise common.UserError(f"--pool: {path} not found: run the pipeline with --out_dir={run} first")
+        with open(path, encoding="utf-8") as f:
+            states.append(json.load(f)["stages"])
+    names = [s for s in states[0] if all(s in st for st in states)
+             and "exact_match" in states[0][s]["metrics"]]
+    if "sft" not in names:
+        raise common.UserError("--pool: every run needs a finished sft stage with exact match")
+
+    def mean(stage, key):
+        vals = [st[stage]["metrics"].get(key) for st in states]
+        return None if None in vals else sum(vals) / len(vals)
+
+    def seeds(stage, key):
+        return " / ".join(pct(st[stage]["metrics"].get(key)) for st in states)
+
+    gap = None
+    if "sft_clean" in names:
+        gap = mean("sft_clean", "exact_match_sampled") - mean("sft", "exact_match_sampled")
+    lines = [f"# {len(runs)} runs: {', '.join(runs)}", "",
+             "Exact match on the held-out checkable prompts of each run (greedy, and sampled at the chat's settings), "
+             "then the mean and its change against SFT in points. Sign test against SFT: the prompts where the stage "
+             "does better / worse, summed over the runs, and the two-sided exact binomial p-value. Gap recovered: "
+             "(stage - SFT) / (sft_clean - SFT) in mean sampled exact match, sft_clean being SFT on the same "
+             "demonstrations without their flaws.", "",
+             "| stage | greedy, each run | mean | better / worse, p | sampled, each run | mean | better / worse, p | "
+             "gap recovered | clean, sampled (mean) | time (mean) |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for stage in names:
+        cells = [stage]
+        for key, verdict in (("exact_match", "right"), ("exact_match_sampled", "sampled_right")):
+            m, m_sft = mean(stage, key), mean("sft", key)
+            change = "" if stage == "sft" or m is None or m_sft is None else f" ({100 * (m - m_sft):+.1f})"
+            wins = losses = 0
+            for run, st in zip(runs, states):
+                k = ((st[stage]["metrics"].get("eval_samples", 1), st["sft"]["metrics"].get("eval_samples", 1))
+                     if verdict == "sampled_right" else (1, 1))
+                counts = paired_counts(read_verdicts(os.path.join(run, stage)), read_verdicts(os.path.join(run, "sft")),
+                                       verdict, *k)
+                if counts is None:
+                    wins = None
+                    break
+                wins, losses = wins + counts[0], losses + counts[1]
+            test = "" if stage == "sft" or wins is None else f"{wins} / {losses}, p = {sign_test(wins, losses):.3g}"
+            cells += [seeds(stage, key), pct(m) + change, test]
+        m = mean(stage, "exact_match_sampled")
+        cells.append("" if gap is None or stage in ("sft", "sft_clean") or m is None or gap <= 0
+                     else f"{100 * (m - mean('sft', 'exact_match_sampled')) / gap:.0f}%")
+        cells.append(pct(mean(stage, "clean_rate_sampled")))
+        cells.append(f"{sum(st[stage]['seconds'] for st in states) / len(states) / 60:.1f} min")
+        lines.append("| " + " | ".join(cells) + " |")
+    totals = [sum(v["seconds"] for v in st.values()) / 60 for st in states]
+    lines += ["", "Time of all stages in each run: " + ", ".join(f"{t:.1f} min" for t in totals) + ".", ""]
+    return lines
 
 
 if __name__ == "__main__":

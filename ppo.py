@@ -10,8 +10,9 @@ Reinforcement learning from feedback: PPO with a critic, or GRPO with groups of 
 Each step samples responses to `batch_size` prompts (x `group_size` for GRPO) in one batched, KV-cached
 generate; a response ends at the end-of-turn token, which is part of it, and nothing after it is trained on or
 rewarded. Its score is rm_weight x the reward model's score + checker_weight x (1 if world.check_answer accepts
-it) + unfinished_penalty if it never ended; by default PPO uses the reward model and the checker, GRPO the checker
-alone. Rollouts sample from softmax(logits / temperature) with no top-k or top-p cut, the very distribution whose
+it) + clean_weight x (1 if it is a clean reply: world.is_clean_reply, rl.rule_scores) + unfinished_penalty if it
+never ended; by default PPO uses the reward model and the checker, GRPO the two rules (checker and clean reply).
+Rollouts sample from softmax(logits / temperature) with no top-k or top-p cut, the very distribution whose
 log-probs enter the ratio and the KL (rl.sample_rollouts). Then:
 
 PPO   per-token rewards -kl_coef x KL_t (k1: log pi - log ref; k3: exp(d) - d - 1 with d = log ref - log pi) plus
@@ -49,7 +50,6 @@ import evaluation
 import prepare
 import rl
 import trainer
-import world
 from model import disable_dropout
 
 # -----------------------------------------------------------------------------
@@ -68,6 +68,7 @@ lora_head = False
 reward_from = 'checkpoints/reward'   # the reward model, used when rm_weight > 0
 rm_weight = -1.0               # x the reward model's score; < 0 = the algorithm's default: 1 for ppo, 0 for grpo
 checker_weight = 1.0           # x 1.0 for an answer the exact checker accepts (prompts with a reference answer)
+clean_weight = -1.0            # x 1.0 for a clean reply (world.is_clean_reply); < 0 = the default: 0 ppo, 1 grpo
 unfinished_penalty = -1.0      # added to the score of a response that never says end-of-turn
 # rollouts
 batch_size = 64                # responses sampled per step (grpo: batch_size / group_size prompts: 8 x 8)
@@ -115,15 +116,18 @@ seed = 1337
 
 DEFAULT_LR = {"full": 3e-5, "lora": 2e-4, "qlora": 2e-4}
 DEFAULT_KL_COEF = {"ppo": 0.05, "grpo": 0.04}
-DEFAULT_RM_WEIGHT = {"ppo": 1.0, "grpo": 0.0}  # GRPO learns from the exact checker alone: nothing to hack
+DEFAULT_RM_WEIGHT = {"ppo": 1.0, "grpo": 0.0}  # GRPO learns from rules alone (checker, clean reply): nothing to hack
+# the checker cannot see the language of a number's answer ('48 - 12 = 36' answers a Chinese question too): GRPO
+# without a reward model needs the rule that a reply is clean; PPO's reward model learned it from the pairs
+DEFAULT_CLEAN_WEIGHT = {"ppo": 0.0, "grpo": 1.0}
 # step-record means (last 10 steps) that join each evaluation's metrics
 SUMMARY_KEYS = {"ppo": ("reward_mean", "kl"), "grpo": ("reward_mean", "kl", "zero_spread")}
 
 
 def main():
     cfg = trainer.configure(globals())
-    G, rm_w = rl.check_settings(cfg, DEFAULT_RM_WEIGHT.get(algo, 0.0))
-    cfg["group_size"], cfg["rm_weight"] = G, rm_w
+    G, rm_w, clean_w = rl.check_settings(cfg, DEFAULT_RM_WEIGHT.get(algo, 0.0), DEFAULT_CLEAN_WEIGHT.get(algo, 0.0))
+    cfg["group_size"], cfg["rm_weight"], cfg["clean_weight"] = G, rm_w, clean_w
     cfg["out_dir"] = out = out_dir or os.path.join("checkpoints", algo)
     cfg["kl_coef"] = kl_coef or DEFAULT_KL_COEF[algo]
     lr = cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
@@ -158,7 +162,8 @@ def main():
     print(f"{algo}: {len(prompts):,} prompts, {batch_size // G} x {G} rollouts per step, up to {max_new_tokens} tokens | "
           f"{finetune}: {trainable} | lr {lr:g} | reward: " + " + ".join(
               ([f"{rm_w:g} x reward model"] if rm else []) + ([f"{checker_weight:g} x checker"]
-                                                                  if checker_weight else []))
+                                                                  if checker_weight else [])
+              + ([f"{clean_w:g} x clean reply"] if clean_w else []))
           + f" | kl_coef {run['kl_coef']:g}")
 
     def policy_logps(seqs, resp_mask, train):
@@ -177,12 +182,11 @@ def main():
                                                                   temperature, gen, rt.autocast, rt.compile)
         seq_t, resp_mask = seq_t.to(dev), resp_mask.to(dev)
         ended = torch.tensor([r.stop == tokenizer.end_id for r in replies], device=dev, dtype=torch.float32)
-        checker = torch.tensor([float(world.check_answer(r.text, row["answer"], row.get("task")))
-                                if row.get("answer") is not None else 0.0 for r, row in zip(replies, rows)], device=dev)
+        checker, clean = (t.to(dev) for t in rl.rule_scores([r.text for r in replies], rows))
         rm_scores = torch.zeros(len(rows), device=dev)
         if rm is not None:
             rm_scores = rl.reward_scores(rm, prompt_ids, responses, tokenizer.pad_id, dev, rt.autocast)
-        scores = rm_w * rm_scores + checker_weight * checker + unfinished_penalty * (1 - ended)
+        scores = rm_w * rm_scores + checker_weight * checker + clean_w * clean + unfinished_penalty * (1 - ended)
         with rt.autocast:
             old_logps, _ = policy_logps(seq_t, resp_mask, train=False)
             ref_logps = rl.response_logps(reference_logits(seq_t), seq_t, resp_mask, temperature)
@@ -192,7 +196,7 @@ def main():
                 # the value of the state before each token: the critic's output one position earlier
                 values = F.pad(critic(seq_t)[0][:, :-1], (1, 0)) * resp_mask
         return dict(seqs=seq_t, resp_mask=resp_mask, old_logps=old_logps, ref_logps=ref_logps, values=values,
-                    scores=scores, rm_scores=rm_scores, checker=checker, ended=ended,
+                    scores=scores, rm_scores=rm_scores, checker=checker, clean=clean, ended=ended,
                     lengths=torch.tensor([len(r) for r in responses], device=dev, dtype=torch.float32),
                     has_answer=torch.tensor([row.get("answer") is not None for row in rows], device=dev))
 
@@ -262,6 +266,8 @@ def main():
             record["reward_rm"] = batch["rm_scores"].mean().item()
         if bool(batch["has_answer"].any()):
             record["reward_checker"] = batch["checker"][batch["has_answer"]].mean().item()
+        if clean_w:
+            record["reward_clean"] = batch["clean"].mean().item()
         trainer.check_finite(record["reward_mean"], "the mean reward", step + 1, out)
         if algo == "ppo" and adaptive_kl:  # proportional controller towards target_kl (Ziegler et al.)
             error = max(-0.2, min(0.2, mean_kl / target_kl - 1))
@@ -287,7 +293,7 @@ def main():
                             checkpoint_entries=lambda: trainer.model_entries(policy, tokenizer), evaluate=evaluate,
                             resume_from=resume_from, train_state=train_state, best_metric="exact_match",
                             higher_is_better=True, summary_keys=SUMMARY_KEYS[algo], png="reward.png",
-                            log_panels=(("reward_mean", "reward_checker", "reward_rm"), ("exact_match",), ("kl",)))
+                            log_panels=(("reward_mean", "reward_checker", "reward_rm", "reward_clean"), ("exact_match",), ("kl",)))
     trainer.finish_finetune(policy, out, "ppo", exact_match.samples, metrics)
 
 

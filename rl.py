@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
+import world
 from common import UserError, load_checkpoint
 from engine import model_from_checkpoint
 from model import GREEDY_BELOW, ModelConfig, ScoreModel, check_sampling
@@ -64,6 +65,22 @@ def reward_scores(rm, prompts, responses, pad_id, device, autocast=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the estimators (pure functions, checked against hand-computed values in tests/test_rl.py)
+
+def rule_scores(replies, rows):
+    """The rule-based rewards of rollouts: `replies` (N,) texts, `rows` (N,) their prompt rows (dicts with optional
+    "answer", "task", "lang"). Returns (checker, clean), (N,) float32 tensors of 0/1:
+    checker  world.check_answer accepts the reply (0 where the row has no answer);
+    clean    the reply is not empty, in the question's language and shows no demonstrated flaw (world.is_clean_reply;
+             0 where the row has no language) -- a rule like DeepSeek-R1's language-consistency reward (Guo et al.
+             2025). The exact checker cannot see the language of an answer that is a number ('48 - 12 = 36' answers
+             a Chinese question too), so a policy that learned to answer in the wrong language keeps its habit
+             under the checker alone. An empty reply earns nothing: it is in no wrong language."""
+    checker = [float(world.check_answer(text, row["answer"], row.get("task"))) if row.get("answer") is not None
+               else 0.0 for text, row in zip(replies, rows)]
+    clean = [float(bool(text.strip()) and world.is_clean_reply(text, row["lang"])) if row.get("lang") in world.LANGS
+             else 0.0 for text, row in zip(replies, rows)]
+    return torch.tensor(checker), torch.tensor(clean)
+
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -189,9 +206,10 @@ def response_logps(logits, seqs, resp_mask, temperature):
 # ----------------------------------------------------------------------------------------------------------------
 # settings
 
-def check_settings(cfg, default_rm_weight):
+def check_settings(cfg, default_rm_weight, default_clean_weight):
     """ppo.py's settings that no run can honour, as a UserError naming the key. Returns (group_size: rollouts per
-    prompt, 1 for PPO and 8 for GRPO unless set; rm_weight: default_rm_weight when the setting is negative)."""
+    prompt, 1 for PPO and 8 for GRPO unless set; rm_weight and clean_weight: the defaults given where the setting is
+    negative)."""
     algo = cfg["algo"]
     if algo not in ("ppo", "grpo"):
         raise UserError(f"--algo must be ppo or grpo, got {algo!r}")
@@ -203,8 +221,9 @@ def check_settings(cfg, default_rm_weight):
     if cfg["batch_size"] < G or cfg["batch_size"] % G:
         raise UserError(f"--batch_size={cfg['batch_size']} must be a multiple of --group_size={G}")
     rm_weight = cfg["rm_weight"] if cfg["rm_weight"] >= 0 else default_rm_weight
-    if rm_weight == 0 and cfg["checker_weight"] == 0:
-        raise UserError("--rm_weight and --checker_weight are both 0: there is no reward")
+    clean_weight = cfg["clean_weight"] if cfg["clean_weight"] >= 0 else default_clean_weight
+    if rm_weight == 0 and cfg["checker_weight"] == 0 and clean_weight == 0:
+        raise UserError("--rm_weight, --checker_weight and --clean_weight are all 0: there is no reward")
     check_sampling(cfg["temperature"])
     if cfg["advantage_scale"] not in ADVANTAGE_SCALES:
         raise UserError(f"--advantage_scale must be one of {', '.join(ADVANTAGE_SCALES)}, "
@@ -215,4 +234,4 @@ def check_settings(cfg, default_rm_weight):
         raise UserError("--ppo_epochs, --minibatch_size and --max_new_tokens must be at least 1")
     if "RANK" in os.environ:
         raise UserError("ppo.py runs in one process (its rollouts are not split across torchrun workers)")
-    return G, rm_weight
+    return G, rm_weight, clean_weight

@@ -76,11 +76,19 @@ def test_the_whole_pipeline_runs_end_to_end_and_its_report_holds_every_stage(tmp
     assert "grpo" in json.loads((out / "pipeline.json").read_text())["stages"]
     assert os.path.exists(out / "grpo" / "ckpt.pt")
 
-    # the methods table: variant stages run from the same SFT model; the stages done already are kept
-    variants = run_script("pipeline.py", *args, "--stages=('pretrain', 'sft', 'dpo', 'dpo_ipo', 'grpo', 'grpo_none')",
+    # the methods table: variant stages run from the same SFT model; the stages done already are kept. sft_clean:
+    # SFT on the same data prepared without flaws (a second prepare run, with the first one's tokenizer)
+    clean = ("--prepare_args=('--world_mb=0.1 --vocab_size=384', '--world_mb=0.1 --dataset={dataset}_clean "
+             "--flaw_wrong_language_en=0 --flaw_wrong_language_zh=0 --flaw_pleasantry=0 --tokenizer={data}')")
+    variants = run_script("pipeline.py", *args, clean,
+                          "--stages=('pretrain', 'sft', 'dpo', 'dpo_ipo', 'grpo', 'grpo_none', 'sft_clean')",
                           timeout=300)
     assert variants.returncode == 0, variants.stderr[-3000:]
-    assert variants.stdout.count("done earlier") == 5  # prepare, pretrain, sft, dpo, grpo
+    assert variants.stdout.count("done earlier") == 4  # pretrain, sft, dpo, grpo (the new prepare_args ran)
+    log = (out / "logs" / "sft_clean.log").read_text()
+    assert f"--dataset={data}_clean" in log and f"--init_from={out / 'pretrain'}" in log
+    assert trainer.load_checkpoint(str(out / "sft_clean"))["train_config"]["dataset"] == f"{data}_clean"
+    assert (data.parent / "world_clean" / "tokenizer.json").read_text() == (data / "tokenizer.json").read_text()
     log = (out / "logs" / "dpo_ipo.log").read_text()
     assert "dpo.py" in log and "--loss_type=ipo" in log and f"--init_from={out / 'sft'}" in log
     assert "--algo=grpo" in (out / "logs" / "grpo_none.log").read_text()
@@ -88,7 +96,22 @@ def test_the_whole_pipeline_runs_end_to_end_and_its_report_holds_every_stage(tmp
     config = lambda stage: trainer.load_checkpoint(str(out / stage))["train_config"]  # noqa: E731
     assert config("dpo_ipo")["loss_type"] == "ipo" and config("grpo_none")["advantage_scale"] == "none"
     against = (out / "report.md").read_text().split("## Against SFT")[1].split("##")[0]
-    assert "| dpo_ipo |" in against and "| grpo_none |" in against
+    assert "| dpo_ipo |" in against and "| grpo_none |" in against and "| sft_clean |" in against
+
+    # several runs side by side: the same run twice pools to the same means and twice the sign-test counts
+    pooled = run_script("pipeline.py", f"--pool=('{out}', '{out}')", f"--out_dir={tmp_path}", timeout=120)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    table = (tmp_path / "seeds.md").read_text()
+    single = json.loads((out / "pipeline.json").read_text())["stages"]
+    sft_v = pipeline.read_verdicts(out / "sft")
+    for stage in ("dpo", "grpo_none"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {stage} |"))
+        wins, losses = pipeline.paired_counts(pipeline.read_verdicts(out / stage), sft_v, "right")
+        assert f"{2 * wins} / {2 * losses}, p = {pipeline.sign_test(2 * wins, 2 * losses):.3g}" in row
+        assert pipeline.pct(single[stage]["metrics"]["exact_match"]) in row
+    assert "| sft_clean |" in table and "gap recovered" in table
+    r = run_script("pipeline.py", f"--pool=('{tmp_path / 'nowhere'}',)", f"--out_dir={tmp_path}")
+    assert r.returncode == 2 and r.stderr.startswith("error: --pool") and "pipeline.json" in r.stderr
 
 
 def test_the_sign_test_against_hand_computed_binomial_tails():

@@ -28,8 +28,9 @@ def test_tiny_runs_complete_start_at_zero_kl_and_write_checkpoints_generate_load
     for key in ("reward_mean", "reward_checker", "kl", "response_length", "ended", "clip_frac"):
         assert key in steps[-1]
     assert ("value_loss" in steps[-1]) == (algo == "ppo")
-    # PPO scores with the reward model and the checker, GRPO with the checker alone (its default rm_weight is 0)
-    assert ("reward_rm" in steps[-1]) == (algo == "ppo")
+    # PPO scores with the reward model and the checker, GRPO with the checker and the clean-reply rule (its default
+    # rm_weight is 0, its clean_weight 1)
+    assert ("reward_rm" in steps[-1]) == (algo == "ppo") and ("reward_clean" in steps[-1]) == (algo == "grpo")
     assert ("zero_spread" in steps[-1]) == (algo == "grpo") and ("zero_spread" in metrics) == (algo == "grpo")
     for key in ("exact_match", "exact_match_start", "reward_mean", "kl", "exact_match_sampled", "clean_rate",
                 "clean_rate_sampled", "clean_rate_by_lang", "exact_match_sampled_by_task"):
@@ -43,13 +44,19 @@ def test_tiny_runs_complete_start_at_zero_kl_and_write_checkpoints_generate_load
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_an_easy_toy_reward_goes_up(world_data, sft_ckpt, tmp_path, monkeypatch, capsys, algo):
-    """Reward 1 for a response that starts with a digit, 0 otherwise: both algorithms must raise it."""
+@pytest.mark.parametrize("algo,rule", [("ppo", "checker"), ("grpo", "checker"), ("grpo", "clean")])
+def test_an_easy_toy_reward_goes_up(world_data, sft_ckpt, tmp_path, monkeypatch, capsys, algo, rule):
+    """Reward 1 for a response that starts with a digit, 0 otherwise, from either rule alone: both algorithms must
+    raise it."""
     import world
-    monkeypatch.setattr(world, "check_answer", lambda response, answer, task=None: response[:1].isdigit())
+    if rule == "checker":
+        monkeypatch.setattr(world, "check_answer", lambda response, answer, task=None: response[:1].isdigit())
+    else:
+        monkeypatch.setattr(world, "is_clean_reply", lambda response, lang: response[:1].isdigit())
+    weights = ["--checker_weight=1", "--clean_weight=0"] if rule == "checker" else ["--checker_weight=0",
+                                                                                     "--clean_weight=1"]
     monkeypatch.setattr(sys, "argv", ["ppo.py", *ppo_args(world_data, sft_ckpt, "-", tmp_path / algo,
-                                      f"--algo={algo}", "--rm_weight=0", "--unfinished_penalty=0",
+                                      f"--algo={algo}", "--rm_weight=0", "--unfinished_penalty=0", *weights,
                                       "--max_iters=16", "--eval_interval=16", "--eval_prompts=0", "--batch_size=32",
                                       "--learning_rate=2e-3", "--kl_coef=0.001", "--temperature=1.0")])
     importlib.reload(ppo)
@@ -60,7 +67,9 @@ def test_an_easy_toy_reward_goes_up(world_data, sft_ckpt, tmp_path, monkeypatch,
     finally:
         torch.set_num_threads(threads)
         importlib.reload(ppo)
-    rewards = [r["reward_checker"] for r in read_log(tmp_path / algo) if "reward_checker" in r]
+    steps = [r for r in read_log(tmp_path / algo) if "reward_mean" in r]
+    rewards = [r[f"reward_{rule}"] for r in steps]
+    assert [r["reward_mean"] for r in steps] == pytest.approx(rewards)  # the one rule is the whole score
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.2, rewards
 
@@ -69,6 +78,7 @@ def test_bad_settings_are_one_line_errors(world_data, sft_ckpt, reward_ckpt, tmp
     cases = [(["--algo=dqn"], "--algo"), (["--algo=grpo", "--group_size=1"], "at least 2"),
              (["--algo=grpo", "--group_size=3", "--batch_size=8"], "multiple of --group_size"),
              (["--rm_weight=0", "--checker_weight=0"], "no reward"),
+             (["--algo=grpo", "--checker_weight=0", "--clean_weight=0"], "no reward"),
              ([f"--reward_from={sft_ckpt}"], "is a policy, not a reward model"),
              ([f"--init_from={reward_ckpt}"], "a reward model checkpoint cannot be used as a policy")]
     for extra, fragment in cases:

@@ -98,6 +98,22 @@ def test_zero_spread_share_counts_groups_whose_samples_all_score_the_same():
     assert rl.zero_spread_share(torch.tensor([0.0, 0, 1, 0, 1, 1, 2, 3]), 2) == 0.5
 
 
+def test_rule_scores_reward_the_right_answer_and_the_clean_reply_separately():
+    rows = [{"answer": "Shanghai", "task": "fact", "lang": "en"},  # clean and right
+            {"answer": "Shanghai", "task": "fact", "lang": "en"},  # the other language: wrong by both rules
+            {"answer": "36", "task": "sub", "lang": "zh"},         # a number: right and clean in either language
+            {"answer": "36", "task": "sub", "lang": "zh"},         # right by the checker, in the wrong language
+            {"answer": "36", "task": "sub", "lang": "en"},         # a pleasantry after the answer: wrong and flawed
+            {"answer": "36", "task": "sub", "lang": "en"},         # empty: earns nothing
+            {"answer": "36", "task": "sub", "lang": "en"},         # clean but wrong
+            {}]                                                    # no answer, no language: nothing to score
+    replies = ["Anna Wang lives in Shanghai.", "王安娜住在上海。", "48 - 12 = 36", "The answer is 36.",
+               "48 - 12 = 36. Hope this helps!", "", "48 - 12 = 35", "Hello."]
+    checker, clean = rl.rule_scores(replies, rows)
+    assert checker.tolist() == [1, 0, 1, 1, 0, 0, 0, 0]
+    assert clean.tolist() == [1, 0, 1, 0, 0, 0, 1, 0]
+
+
 def test_kl_estimators_are_zero_for_the_same_model_and_match_their_formulas():
     logp = torch.tensor([-1.0, -2.0, -0.5])
     for kind in ("k1", "k3"):

@@ -90,8 +90,8 @@ vf_coef = 0.5
 ppo_epochs = 2
 minibatch_size = 16            # rollouts per optimizer step (grpo: several groups)
 # optimization
-max_iters = 100                # rollout steps (the default budget: see README, "RL defaults")
-learning_rate = 0.0            # 0 = the finetune mode's default: 3e-5 full, 2e-4 lora/qlora
+max_iters = 0                  # rollout steps; 0 = the algorithm's default: 50 ppo, 100 grpo (see README, "RL defaults")
+learning_rate = 0.0            # 0 = the default: full weights 1e-5 ppo, 3e-5 grpo; lora/qlora 2e-4
 critic_learning_rate = 1e-4
 min_lr = 0.0                   # 0 = learning_rate / 10
 warmup_iters = 5
@@ -114,7 +114,11 @@ compile = False                # True: compiled rollout decoding, but the update
 seed = 1337
 # -----------------------------------------------------------------------------
 
-DEFAULT_LR = {"full": 3e-5, "lora": 2e-4, "qlora": 2e-4}
+# measured on the embedded world (README, "Results"): PPO at 3e-5 lost greedy exact match to reward-model hacking
+# (-1.4 points on seed 1337, KL 1.1) where 1e-5 kept it (+0.5) and removed the flaws as well; it does so within 50
+# steps (clean replies 88.6% -> 99.8% at step 50), so PPO's budget is half GRPO's
+DEFAULT_LR = {"ppo": {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}, "grpo": {"full": 3e-5, "lora": 2e-4, "qlora": 2e-4}}
+DEFAULT_MAX_ITERS = {"ppo": 50, "grpo": 100}
 DEFAULT_KL_COEF = {"ppo": 0.05, "grpo": 0.04}
 DEFAULT_RM_WEIGHT = {"ppo": 1.0, "grpo": 0.0}  # GRPO learns from rules alone (checker, clean reply): nothing to hack
 # the checker cannot see the language of a number's answer ('48 - 12 = 36' answers a Chinese question too): GRPO
@@ -130,7 +134,8 @@ def main():
     cfg["group_size"], cfg["rm_weight"], cfg["clean_weight"] = G, rm_w, clean_w
     cfg["out_dir"] = out = out_dir or os.path.join("checkpoints", algo)
     cfg["kl_coef"] = kl_coef or DEFAULT_KL_COEF[algo]
-    lr = cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
+    lr = cfg["learning_rate"] = learning_rate or DEFAULT_LR[algo][finetune]
+    n_steps = cfg["max_iters"] = max_iters or DEFAULT_MAX_ITERS[algo]
     rt = trainer.setup(device, dtype, seed, compile)
     dev = rt.device
 
@@ -275,7 +280,7 @@ def main():
         return record, int(mask.numel()), bool(stop.signum)  # tokens: the padded batch of prompts + responses
 
     exact_match = evaluation.ExactMatchEval(dataset, tokenizer, rt, eval_prompts, eval_max_new_tokens, n_samples,
-                                         eval_samples, max_iters, out, seed)
+                                         eval_samples, n_steps, out, seed)
 
     def evaluate(model, metrics):
         result = exact_match(model, metrics)

@@ -40,6 +40,8 @@ def test_tiny_runs_complete_start_at_zero_kl_and_write_checkpoints_generate_load
     assert [(r["step"], "exact_match_sampled" in r) for r in evals] == [(0, False), (3, True)]
     ckpt = trainer.load_checkpoint(str(out), stages=("ppo",))
     assert ckpt["train_config"]["algo"] == algo and (out / "reward.png").exists()
+    # learning_rate 0 is the algorithm's default for the finetune mode: full PPO 1e-5, LoRA 2e-4
+    assert ckpt["train_config"]["learning_rate"] == {"ppo": 1e-5, "grpo": 2e-4}[algo]
     r = run_script("generate.py", f"--ckpt={out}", "--prompt=3+4?", "--max_new_tokens=4", "--device=cpu")
     assert r.returncode == 0, r.stderr
 

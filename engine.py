@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 import quantize
-from common import UserError
+from common import POLICY_STAGES, UserError, load_checkpoint
 from model import GPT, left_pad
 from tokenizer import Tokenizer
 
@@ -35,6 +35,19 @@ def model_from_checkpoint(ckpt, device):
     else:
         model = GPT.from_checkpoint(ckpt).to(device)
     return model.eval(), tokenizer
+
+
+def load_policy(path, device):
+    """(checkpoint dict, GPT in eval mode on `device`, Tokenizer) from a policy checkpoint (ckpt.pt or its folder)
+    that generate.py and serve.py chat with. The reward model is refused (common.POLICY_STAGES): it scores text
+    and has no language-model head. UserError, naming the path, for a file that is not a checkpoint of ours or
+    whose contents do not build a model."""
+    checkpoint = load_checkpoint(path, stages=POLICY_STAGES)
+    try:
+        model, tokenizer = model_from_checkpoint(checkpoint, device)
+    except (UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
+        raise UserError(f"{path}: cannot build the model from it: {e}") from None
+    return checkpoint, model, tokenizer
 
 
 def stop_ids(tokenizer):

@@ -152,14 +152,8 @@ def main(argv=None):
         raise common.UserError(f"--max_new_tokens must be >= 1, got {cfg['max_new_tokens']}")
     path = cfg["ckpt"]
 
-    # POLICY_STAGES leaves out the reward model: it scores text and has no language-model head to chat with
-    checkpoint = common.load_checkpoint(path, stages=common.POLICY_STAGES)
     rt = common.setup(device=cfg["device"], seed=cfg["seed"], compile=cfg["compile"])
-    try:
-        model, tokenizer = engine.model_from_checkpoint(checkpoint, rt.device)
-    except (common.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
-        raise common.UserError(f"{path}: cannot build the model from it: {e}") from None
-    model.eval()
+    checkpoint, model, tokenizer = engine.load_policy(path, rt.device)
     chat = checkpoint["stage"] != "pretrain"
     print(f"{path}: stage {checkpoint['stage']}, {model.num_params() / 1e6:.2f}M parameters, "
           f"context {model.config.block_size}, device {rt.device}", file=sys.stderr)

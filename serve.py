@@ -511,13 +511,9 @@ def main(argv=None):
         raise trainer.UserError(f"--host={cfg['host']} --port={cfg['port']}: cannot listen there "
                                 f"({e.strerror or e})") from None
     path = cfg["ckpt"]
-    checkpoint = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
     rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=cfg["compile"])
     cfg["compile"] = rt.compile  # auto resolved for this device
-    try:
-        model, tokenizer = trainer.model_from_checkpoint(checkpoint, rt.device)
-    except (trainer.UserError, TypeError, ValueError, KeyError) as e:  # has our keys, but not our contents
-        raise trainer.UserError(f"{path}: cannot build the model from it: {e}") from None
+    checkpoint, model, tokenizer = engine.load_policy(path, rt.device)
     chat = checkpoint["stage"] != "pretrain"
     name = model_name_of(path)
     app = create_app(model, tokenizer, chat, name, cfg, rt.device, rt.autocast)

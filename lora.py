@@ -148,9 +148,10 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, inc
         raise UserError(f"lora: no linear layer matches targets={targets!r}")
     for name in names:
         m = model.get_submodule(name)
-        if isinstance(m, nn.Linear) and any(p is m.weight for n, p in model.named_parameters(remove_duplicate=False)
-                                            if n != name + ".weight"):
-            # merging into a tied head would silently change the token embedding too
+        tied = isinstance(m, quantize.TiedLinear8bit) or isinstance(m, nn.Linear) and any(
+            p is m.weight for n, p in model.named_parameters(remove_duplicate=False) if n != name + ".weight")
+        if tied:
+            # merging into a tied head would silently change the token embedding too (an int8 one: untie them)
             raise UserError(f"lora: {name} shares its weight with the token embedding (tie_embeddings); "
                               f"it cannot carry a LoRA adapter, leave include_head off")
     model.requires_grad_(False)
@@ -231,17 +232,23 @@ def disable_adapters(model):
 
 
 def merged_state_dict(model):
-    """The state dict of the plain model this one is equivalent to: each LoRA layer (and any other quantized linear)
-    becomes `name.weight` (+ `name.bias`) in full precision with the update folded in. The model is not modified;
-    this is what a LoRA/QLoRA run saves as its checkpoint's `model`."""
+    """The state dict of the plain model this one is equivalent to: each LoRA layer (and any other quantized linear or
+    embedding) becomes `name.weight` (+ `name.bias`) in full precision with the update folded in. The model is not
+    modified; this is what a LoRA/QLoRA run saves as its checkpoint's `model`."""
     sd = model.state_dict()
     out = {}
     replaced = {}
+    dequantized = {}  # an int8 embedding and the head tied to it share one weight: one float tensor for both, too
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             replaced[name] = m.merged_weight()
-        elif isinstance(m, QuantLinear) and not any(name.startswith(p + ".") for p in replaced):
-            replaced[name] = (m.dequantize(torch.float32), m.bias.detach().clone() if m.bias is not None else None)
+        elif (isinstance(m, (QuantLinear, quantize.Embedding8bit))
+              and not any(name.startswith(p + ".") for p in replaced)):
+            key = id(getattr(m, "weight", m))
+            if key not in dequantized:
+                dequantized[key] = m.dequantize(torch.float32)
+            bias = getattr(m, "bias", None)
+            replaced[name] = (dequantized[key], bias.detach().clone() if bias is not None else None)
     for k, v in sd.items():
         if not any(k.startswith(p + ".") for p in replaced):
             out[k] = v

@@ -327,7 +327,7 @@ class GPT(nn.Module):
         cfg = self.config
         if max_len > cfg.block_size:
             raise UserError(f"cache length {max_len} exceeds block_size={cfg.block_size}")
-        p = self.embed_tokens.weight
+        p = self.norm.weight  # not the embedding's: a quantized one holds int8 codes (quantize.py)
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
 
@@ -616,7 +616,7 @@ def _warm_up_decode(model, key_ok, cache):
     """Compile the decode step for this shape on its first use, timing it for the progress output; a failed
     compile (no working toolchain, an unsupported layer) leaves eager decoding. -> whether to run compiled."""
     global _compiled_decode_step, _decode_compile_broken
-    p = model.embed_tokens.weight
+    p = model.norm.weight
     key = (id(model), str(p.device), p.dtype, *key_ok.shape)
     if key in _decode_warm:
         return True

@@ -5,7 +5,9 @@ Homemade weight quantization in plain PyTorch (no bitsandbytes), so it runs on C
   absolute maximum and every value is replaced by the nearest of 16 NormalFloat code points; two 4-bit codes share a
   byte. Double quantization stores the per-block absmax constants themselves in 8 bits (blocks of 256, mean
   subtracted first), which brings the cost from 4.5 down to ~4.127 bits per weight.
-- int8 weight-only: one absmax scale per output channel. For inference.
+- int8 weight-only: one absmax scale per output channel. For inference. A tied token embedding and output head
+  (tie_embeddings) become one int8 matrix with one scale per row: a row is a token's embedding and an output
+  channel of the head, so the embedding gathers int8 rows and the head multiplies by the same int8 weight.
 
 `Linear4bit` / `Linear8bit` keep the packed weight in buffers (so the state dict holds the packed data) and
 dequantize on the fly, in row chunks, in forward and again in backward: only the gradient w.r.t. the input is
@@ -13,7 +15,7 @@ computed (the base is frozen), which is what QLoRA needs to reach adapters in ea
 weight stays alive between forward and backward. Linear8bit's inference forward (no gradient to the input) reads the
 int8 weight directly instead: y = (x q^T) * scale, through PyTorch's int8 weight-only kernel where it is fast.
 
-CLI: python quantize.py --ckpt=checkpoints/sft/ckpt.pt --mode=nf4|int8 [--out=...]
+CLI: python quantize.py --ckpt=checkpoints/sft/ckpt.pt --mode=nf4|int8 [--tied_head=False] [--out=...]
 writes a quantized checkpoint that generate.py can chat with, and prints sizes and the change in val loss.
 """
 import json
@@ -147,6 +149,12 @@ def quantize_int8(w):
     scale = w.abs().amax(dim=1) / 127
     q = torch.round(w / _safe(scale)[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def dequantize_int8(q, scale, dtype=torch.float32, row_start=0, row_end=None):
+    """Rows row_start:row_end of q (out, in) int8 with scale (out,) -> (rows, in) q * scale[:, None] in `dtype`."""
+    w = q[row_start:row_end]
+    return (w.float() * scale[row_start:row_end].float()[:, None]).to(dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -283,15 +291,15 @@ class Linear8bit(QuantLinear):
         return m
 
     def dequantize(self, dtype=torch.float32, row_start=0, row_end=None):
-        w = self.weight[row_start:row_end]
-        return (w.float() * self.scale[row_start:row_end].float()[:, None]).to(dtype)
+        return dequantize_int8(self.weight, self.scale, dtype, row_start, row_end)
 
     def forward(self, x):
         """x (..., in_features) -> (..., out_features). Without a gradient to x, y = (x q^T) * scale straight from the
         int8 weight q (no dequantized copy): on CUDA, and in bf16 on CPU, PyTorch's int8 weight-only kernel
-        aten._weight_int8pack_mm; elsewhere on CPU the int8 rows are widened for the matmul and the scale is applied
-        to the output (one pass over the weight instead of two). Training (a gradient must reach x, as for LoRA on a
-        frozen base) and MPS take QuantLinear's chunked dequantize path."""
+        aten._weight_int8pack_mm; elsewhere on CPU the int8 rows are widened for the matmul, a block of rows at a
+        time (_widened_mm), and the scale is applied to the output (one pass over the weight instead of two).
+        Training (a gradient must reach x, as for LoRA on a frozen base) and MPS take QuantLinear's chunked
+        dequantize path."""
         if (torch.is_grad_enabled() and x.requires_grad) or x.device.type not in ("cpu", "cuda"):
             return super().forward(x)
         dtype = _compute_dtype(x)
@@ -300,9 +308,80 @@ class Linear8bit(QuantLinear):
         if _int8pack_usable(x.device.type, dtype, self.in_features):
             y = _int8pack_mm(x2, self.weight, self.scale.to(dtype))
         if y is None:
-            y = F.linear(x2, self.weight.to(dtype)) * self.scale.to(dtype)
+            y = _widened_mm(x2, self.weight) * self.scale.to(dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Embedding8bit(nn.Module):
+    """Frozen int8 token embedding, one absmax scale per row (token). Buffers: weight (num_embeddings x
+    embedding_dim, int8), scale (num_embeddings,) float32; row i stands for weight[i] * scale[i]. In a tied model
+    these rows are also the output head's channels: TiedLinear8bit reads the same two buffers."""
+
+    def __init__(self, num_embeddings, embedding_dim, device=None):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.zeros(num_embeddings, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding):
+        if embedding.max_norm is not None:  # nn.Embedding renormalizes such rows in place on lookup
+            raise UserError("quantize: an embedding with max_norm cannot be quantized")
+        m = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.weight.device)
+        q, scale = quantize_int8(embedding.weight)
+        m.weight.copy_(q)
+        m.scale.copy_(scale)
+        return m
+
+    def forward(self, idx):
+        """idx (...) long -> (..., embedding_dim) in the scale's dtype (float32, or the model's after .to(dtype)):
+        only the looked-up int8 rows are gathered and scaled."""
+        return self.weight[idx].to(self.scale.dtype) * self.scale[idx].unsqueeze(-1)
+
+    def dequantize(self, dtype=torch.float32, row_start=0, row_end=None):
+        return dequantize_int8(self.weight, self.scale, dtype, row_start, row_end)
+
+    def weight_nbytes(self):
+        return self.weight.numel() * self.weight.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class TiedLinear8bit(Linear8bit):
+    """The int8 output head of a model whose head shares its weight with the token embedding: no buffers of its own,
+    it multiplies by the weight (V, d) and scale (V,) of the Embedding8bit it is tied to. The matrix is thus stored,
+    saved (under the embedding's name only) and moved by .to() once, and the two can never drift apart."""
+
+    def __init__(self, embedding):
+        QuantLinear.__init__(self, embedding.embedding_dim, embedding.num_embeddings, False, None)
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: its buffers are listed once, there
+
+    @property
+    def weight(self):
+        return self.embedding.weight
+
+    @property
+    def scale(self):
+        return self.embedding.scale
+
+    def weight_nbytes(self):
+        return self.embedding.weight_nbytes()
+
+
+WIDEN_CHUNK_ELEMS = 1 << 20  # int8 weights widened at a time by _widened_mm (4 MB in fp32)
+
+
+def _widened_mm(x2d, q):
+    """x (M, K) float @ q (N, K) int8 ^T -> (M, N) in x's dtype, q widened to x's dtype WIDEN_CHUNK_ELEMS weights at
+    a time: each widened block is multiplied while it is still in cache. Widening SmolLM2's 49,152 x 576 head whole
+    writes and rereads 113 MB per token (57 ms against fp32's 10 ms at batch 1 on this CPU); in blocks, 4.2 ms."""
+    step = max(1, WIDEN_CHUNK_ELEMS // q.shape[1])
+    if q.shape[0] <= step:
+        return F.linear(x2d, q.to(x2d.dtype))
+    return torch.cat([F.linear(x2d, q[r:r + step].to(x2d.dtype)) for r in range(0, q.shape[0], step)], dim=-1)
 
 
 _INT8PACK_UNSUPPORTED = set()  # (device type, dtype) where the kernel raised: not tried again
@@ -334,8 +413,9 @@ def _int8pack_mm(x2d, weight, scale):
 # -----------------------------------------------------------------------------
 # Whole models
 
-# regexes on module names that stay in full precision by default: the output head (the most sensitive layer, and
-# tied to the embedding by default) and MoE routers (tiny, and rounding them flips which experts a token gets)
+# regexes on module names that stay in full precision by default: an untied output head (the most sensitive layer)
+# and MoE routers (tiny, and rounding them flips which experts a token gets). A head tied to the embedding is
+# quantize_model's `tied_head` setting instead.
 DEFAULT_SKIP = (r"(^|\.)lm_head$", r"(^|\.)router$")
 
 
@@ -355,26 +435,53 @@ def _head_is_tied(model, name):
     return any(p is w for n, p in model.named_parameters(remove_duplicate=False) if n != name + ".weight")
 
 
-def quantize_model(model, mode="nf4", skip=DEFAULT_SKIP, block_size=NF4_BLOCK_SIZE, double_quant=True):
+def _tied_heads(model):
+    """{head name: embedding name} for every nn.Linear whose weight is an nn.Embedding's (tie_embeddings)."""
+    embeddings = {id(m.weight): n for n, m in model.named_modules() if type(m) is nn.Embedding}
+    return {n: embeddings[id(m.weight)] for n, m in model.named_modules()
+            if type(m) is nn.Linear and id(m.weight) in embeddings}
+
+
+def _tie_int8(model, head, embedding, make_embedding):
+    """Swap the embedding for make_embedding(it) (an Embedding8bit) and the head for a TiedLinear8bit reading it."""
+    _replace_linears(model, [embedding], make_embedding)
+    _replace_linears(model, [head], lambda _: TiedLinear8bit(model.get_submodule(embedding)))
+
+
+def quantize_model(model, mode="nf4", skip=DEFAULT_SKIP, block_size=NF4_BLOCK_SIZE, double_quant=True,
+                   tied_head=True):
     """Replace every nn.Linear whose name matches none of the `skip` regexes by Linear4bit (mode 'nf4') or Linear8bit
-    (mode 'int8'), in place. Embeddings are never touched. Returns the `quantization` entry of a checkpoint:
-    {"mode", "block_size", "double_quant", "skip", "modules": [replaced module names]}."""
+    (mode 'int8'), in place. In int8 mode with tied_head, an output head that shares its weight with a token
+    embedding (tie_embeddings) is quantized too, whatever `skip` says, together with that embedding: one int8 matrix
+    with a scale per row (Embedding8bit + TiedLinear8bit). In a small model it is a large share of the bytes a
+    decoded token reads (SmolLM2-135M: 28M of 135M weights). NF4 never touches embeddings: QLoRA trains with the
+    tied embedding/head in full precision, and NF4 has no fast matmul to decode with. Other embeddings stay too.
+    Returns the `quantization` entry of a checkpoint: {"mode", "block_size", "double_quant", "skip", "modules":
+    [replaced linear names], "tied": {head name: embedding name} of the tied pairs quantized (int8 only)}.
+    Errors: UserError for an unknown mode, a model with LoRA adapters, or a tied head that `skip` leaves to be
+    quantized where it cannot be (nf4, or tied_head=False)."""
     if mode not in ("nf4", "int8"):
         raise UserError(f"quantize: mode must be 'nf4' or 'int8', got {mode!r}")
     if any(".lora_A" in n or n.startswith("lora_A") for n, _ in model.named_parameters()):
         raise UserError("quantize: the model already has LoRA adapters; quantize the base first, then add LoRA")
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
-    tied = [n for n in names if _head_is_tied(model, n)]
-    if tied:
-        raise UserError(f"quantize: {tied[0]} shares its weight with another layer (tied embeddings); "
-                        f"keep it in full precision (leave it in skip)")
+    tied = _tied_heads(model) if mode == "int8" and tied_head else {}
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip) and n not in tied]
+    shared = [n for n in names if _head_is_tied(model, n)]
+    if shared:
+        raise UserError(f"quantize: {shared[0]} shares its weight with another layer (tied embeddings); "
+                        f"keep it in full precision (leave it in skip)"
+                        + (", or quantize it with the embedding in int8 mode" if mode == "nf4" else ""))
     if mode == "nf4":
         _replace_linears(model, names, lambda lin: Linear4bit.from_linear(lin, block_size, double_quant))
     else:
         _replace_linears(model, names, Linear8bit.from_linear)
+        for head, embedding in tied.items():
+            _tie_int8(model, head, embedding, Embedding8bit.from_embedding)
     info = {"mode": mode, "skip": list(skip), "modules": names}
     if mode == "nf4":
         info.update(block_size=block_size, double_quant=double_quant)
+    else:
+        info["tied"] = tied
     return info
 
 
@@ -387,12 +494,16 @@ def _empty_quant_linear(lin, q):
 
 def load_quantized_model(ckpt, device):
     """Rebuild a GPT from a quantized checkpoint dict (as written by this file's CLI): build the float model, swap the
-    recorded linears for empty quantized shells of the same shape, then load the packed state dict."""
+    recorded linears (and a tied int8 embedding/head) for empty quantized shells of the same shape, then load the
+    packed state dict. UserError for an entry that does not fit the model."""
     q = ckpt.get("quantization")
     if not isinstance(q, dict) or q.get("mode") not in ("nf4", "int8") or not isinstance(q.get("modules"), list):
         raise UserError("checkpoint: 'quantization' must be a dict with mode 'nf4' or 'int8' and a 'modules' list")
     if q["mode"] == "nf4" and not ("block_size" in q and "double_quant" in q):
         raise UserError("checkpoint: an nf4 'quantization' entry needs 'block_size' and 'double_quant'")
+    tied = q.get("tied", {})  # absent in int8 checkpoints that kept the tied head in full precision
+    if not isinstance(tied, dict) or (tied and q["mode"] != "int8"):
+        raise UserError("checkpoint: 'quantization' 'tied' must be a dict {head: embedding}, in int8 mode only")
     model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
     for name in q["modules"]:
         try:
@@ -401,7 +512,15 @@ def load_quantized_model(ckpt, device):
             ok = False
         if not ok:
             raise UserError(f"checkpoint: quantized module {name!r} is not a linear layer of this model")
+    heads = _tied_heads(model)
+    for head, embedding in tied.items():
+        if heads.get(head) != embedding:
+            raise UserError(f"checkpoint: quantized {head!r} is not a head tied to the embedding {embedding!r} in "
+                            f"this model")
     _replace_linears(model, q["modules"], lambda lin: _empty_quant_linear(lin, q))
+    for head, embedding in tied.items():
+        _tie_int8(model, head, embedding,
+                  lambda emb: Embedding8bit(emb.num_embeddings, emb.embedding_dim, emb.weight.device))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
@@ -467,7 +586,8 @@ mode = 'nf4'               # nf4 (4-bit NormalFloat, ~4.13 bits/weight) | int8 (
 out = ''                   # '' = next to the input: <folder>/ckpt_<mode>.pt
 nf4_block = 64             # nf4: weights per absmax constant
 double_quant = True        # nf4: store the absmax constants in 8 bits too (4.127 instead of 4.5 bits/weight)
-quantize_head = False      # also quantize the output head (refused when it is tied to the embedding)
+quantize_head = False      # also quantize an untied output head
+tied_head = True           # int8: a head tied to the token embedding becomes int8 with it (one matrix, per-row scales)
 eval_iters = 20            # val loss before/after on this many batches of data/<dataset>/val.bin; 0 = skip
 eval_batch_size = 8
 device = 'auto'            # auto = cuda, then mps, then cpu
@@ -510,7 +630,7 @@ def main():
         loss_before = _val_loss(model, tokens, starts, seq_len, rt.device, rt.autocast)
 
     skip = tuple(p for p in DEFAULT_SKIP if not (cfg["quantize_head"] and "lm_head" in p))
-    info = quantize_model(model, cfg["mode"], skip, cfg["nf4_block"], cfg["double_quant"])
+    info = quantize_model(model, cfg["mode"], skip, cfg["nf4_block"], cfg["double_quant"], cfg["tied_head"])
     info["bits_per_weight"] = bits_per_weight(model)
     info["source"] = path
     sd = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -530,9 +650,10 @@ def main():
     summary.update(file_bytes_before=file_before, file_bytes_after=file_after)
 
     mb = lambda n: f"{n / 2**20:.2f} MB"
-    kept = ["embeddings"] + [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    print(f"{len(info['modules'])} linear layers -> {cfg['mode']}, {info['bits_per_weight']:.3f} bits per weight; "
-          f"kept in full precision: {', '.join(kept)}")
+    kept = [n for n, m in model.named_modules() if type(m) in (nn.Embedding, nn.Linear)]
+    tied = "".join(f" + {h} tied to {e}" for h, e in info.get("tied", {}).items())
+    print(f"{len(info['modules'])} linear layers{tied} -> {cfg['mode']}, {info['bits_per_weight']:.3f} bits per "
+          f"weight; kept in full precision: {', '.join(kept) or 'nothing'}")
     print(f"model weights:   {mb(bytes_before)} -> {mb(bytes_after)} ({bytes_before / bytes_after:.2f}x smaller)")
     note = " (the source also holds training state)" if "optimizer" in src else ""
     print(f"checkpoint file: {mb(file_before)} -> {mb(file_after)} ({file_before / file_after:.2f}x smaller){note}")

@@ -284,11 +284,14 @@ def test_export_to_hf_directory_round_trips_through_transformers(tok, tmp_path, 
     assert btok.render_prompt(CONVERSATIONS[1]) == tok.render_prompt(CONVERSATIONS[1])
 
 
-def test_export_dequantizes_an_int8_checkpoint(tok, tmp_path):
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_dequantizes_an_int8_checkpoint(tok, tmp_path, tie):
+    # tied: the embedding and head are one int8 matrix in the checkpoint; the export must give transformers a
+    # float embedding that it ties back to the head, equal to our dequantized rows
     transformers = pytest.importorskip("transformers")
     import quantize
     src = str(tmp_path / "ours.pt")
-    tiny_checkpoint(src, tok)
+    tiny_checkpoint(src, tok, tie_embeddings=tie)
     qpath = str(tmp_path / "int8.pt")
     r = subprocess.run([sys.executable, "quantize.py", f"--ckpt={src}", f"--out={qpath}", "--mode=int8"], cwd=ROOT,
                        capture_output=True, text=True)
@@ -296,11 +299,22 @@ def test_export_dequantizes_an_int8_checkpoint(tok, tmp_path):
         pytest.skip(f"quantize.py's command line differs here: {r.stderr.strip()[-200:]}")
     qmodel, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(qpath), "cpu")
     assert any(isinstance(m, quantize.Linear8bit) for m in qmodel.modules())
+    assert isinstance(qmodel.embed_tokens, quantize.Embedding8bit) == tie
     convert.convert(qpath, str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings == tie
+    if tie:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+        torch.testing.assert_close(hf.model.embed_tokens.weight, qmodel.embed_tokens.dequantize(), atol=0, rtol=0)
     idx = torch.randint(0, tok.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, qmodel(idx)[0].float(), atol=1e-4, rtol=0)
+    # and to GGUF: our import of the exported file computes what the int8 model computes
+    convert.convert(qpath, str(tmp_path / "q.gguf"), "f32")
+    convert.convert(str(tmp_path / "q.gguf"), str(tmp_path / "back.pt"))
+    back, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(str(tmp_path / "back.pt")), "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], qmodel(idx)[0].float(), atol=1e-4, rtol=0)
 
 
 def q8_0_by_hand(w):

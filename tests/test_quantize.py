@@ -358,6 +358,10 @@ def test_cli_writes_quantized_checkpoint_that_loads_and_chats(sft_ckpt, mode, tm
     if mode == "nf4":
         assert q["block_size"] == 64 and q["double_quant"] is True
         assert ckpt["model"][q["modules"][0] + ".weight_packed"].dtype == torch.uint8
+    else:  # the tied embedding/head is int8 by default, stored once under the embedding's name
+        assert q["tied"] == {"lm_head": "embed_tokens"} and "lm_head.weight" not in ckpt["model"]
+        assert ckpt["model"]["embed_tokens.weight"].dtype == torch.int8
+        assert summary["weights_bytes_before"] / summary["weights_bytes_after"] > 3.3
     # rebuilt through the plumbing module, it computes what quantizing in memory computes
     loaded, _ = trainer.model_from_checkpoint(ckpt, "cpu")
     expected = copy.deepcopy(model)
@@ -368,6 +372,18 @@ def test_cli_writes_quantized_checkpoint_that_loads_and_chats(sft_ckpt, mode, tm
     # and generate.py can answer with it
     r = run("generate.py", f"--ckpt={out}", "--prompt=the river", "--max_new_tokens=4", "--device=cpu")
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_tied_head_false_keeps_the_tied_embedding_and_head_in_full_precision(sft_ckpt, tmp_path):
+    path, model = sft_ckpt
+    out = str(tmp_path / "q.pt")
+    r = run("quantize.py", f"--ckpt={path}", "--mode=int8", "--tied_head=False", f"--out={out}", "--eval_iters=0")
+    assert r.returncode == 0, r.stderr
+    assert "kept in full precision: embed_tokens, lm_head" in r.stdout
+    ckpt = trainer.load_checkpoint(out, stages=trainer.POLICY_STAGES)
+    assert ckpt["quantization"]["tied"] == {} and ckpt["model"]["embed_tokens.weight"].dtype == torch.float32
+    loaded, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight is loaded.embed_tokens.weight
 
 
 def test_cli_bad_input_gives_one_line_error(sft_ckpt, tmp_path):
@@ -392,3 +408,180 @@ def test_load_quantized_model_rejects_inconsistent_entries(sft_ckpt):
         Q.load_quantized_model(dict(good, quantization=dict(info, modules=["layers.0.attn_norm"])), "cpu")
     with pytest.raises(trainer.UserError, match="do not fit"):  # float weights under an nf4 entry
         Q.load_quantized_model(dict(good, model=src["model"]), "cpu")
+
+
+# ------------------------------------------------------------------------------------------------ tied embedding/head
+
+def tied_gpt(n_embd=64, vocab_size=96, seed=11):
+    """A tiny tied GPT with O(1) random weights, so a wrong row, scale or transposition shows in the logits."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=n_embd)
+    m = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0) if "norm" not in name else p.uniform_(0.5, 1.5)
+    return m
+
+
+def test_int8_quantizes_the_tied_embedding_and_head_as_one_matrix_with_per_row_scales():
+    # the embedding's rows are the head's output channels: one absmax scale per row (hand-computed here) serves
+    # both, and the two modules must read the very same int8 tensor (a copy would double the bytes and could drift)
+    model = tied_gpt()
+    w = model.embed_tokens.weight.detach().clone()
+    info = Q.quantize_model(model, "int8")
+    assert info["tied"] == {"lm_head": "embed_tokens"} and "lm_head" not in info["modules"]
+    emb, head = model.embed_tokens, model.lm_head
+    assert isinstance(emb, Q.Embedding8bit) and isinstance(head, Q.TiedLinear8bit)
+    assert head.weight is emb.weight and head.scale is emb.scale and emb.weight.dtype == torch.int8
+    scale = w.abs().amax(dim=1) / 127
+    assert torch.equal(emb.scale, scale)
+    assert torch.equal(emb.weight, torch.round(w / scale[:, None]).to(torch.int8))
+    assert ((emb.dequantize() - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert [n for n, _ in model.named_buffers() if "embed_tokens" in n or "lm_head" in n] == \
+        ["embed_tokens.weight", "embed_tokens.scale"]
+
+
+def test_int8_embedding_output_equals_the_dequantized_rows():
+    model = tied_gpt()
+    Q.quantize_model(model, "int8")
+    idx = torch.tensor([[0, 5, 95, 5], [7, 7, 1, 94]])
+    out = model.embed_tokens(idx)
+    assert out.shape == (2, 4, 64) and out.dtype == torch.float32
+    assert torch.equal(out, model.embed_tokens.dequantize()[idx])
+
+
+def test_int8_tied_head_logits_within_the_rounding_bound_and_close_to_fp32():
+    # per output channel v the rounding moves a logit by at most ||h||_1 * scale_v / 2 for the same hidden state h
+    # (a head with per-column scales, or reading the weight transposed, breaks this bound); end to end, with every
+    # layer in int8 and O(1) weights, the logits stay within 6% of the fp32 model's in RMS (measured: 4.1%, and
+    # 2.5% with the head in fp32; a wrong row or scale gives O(100%))
+    model = tied_gpt()
+    ref = copy.deepcopy(model)
+    w = model.embed_tokens.weight.detach().clone()
+    Q.quantize_model(model, "int8")
+    idx = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model.hidden_states(idx)                                   # (2, 12, 64)
+        err = (model.lm_head(h) - h @ w.T).abs()
+        bound = h.abs().sum(-1, keepdim=True) * model.embed_tokens.scale / 2
+        assert (err <= bound * (1 + 1e-5) + 1e-5).all()
+        assert err.max() > 0  # the head did quantize
+        logits, want = model(idx)[0], ref(idx)[0]
+    assert (logits - want).norm() <= 0.06 * want.norm()
+
+
+def test_int8_tied_weight_is_stored_once_and_the_checkpoint_is_about_4x_smaller(tmp_path):
+    model = tied_gpt(n_embd=128, vocab_size=512)
+    fp32_bytes = Q.state_dict_nbytes(model.state_dict())
+    cfg = model.config
+    # hand count: every matrix as int8 plus one fp32 scale per row; the tied (V, d) matrix once; the norms in fp32
+    rows = [(cfg.vocab_size, cfg.n_embd)]
+    for _ in range(cfg.n_layer):
+        qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        rows += [(qkv, cfg.n_embd), (cfg.n_embd, cfg.n_embd), (2 * cfg.ffn_hidden, cfg.n_embd),
+                 (cfg.n_embd, cfg.ffn_hidden)]
+    norms = (2 * cfg.n_layer + 1) * cfg.n_embd * 4
+    want = sum(n * k + 4 * n for n, k in rows) + norms
+    assert fp32_bytes == 4 * (sum(n * k for n, k in rows)) + norms
+    Q.quantize_model(model, "int8")
+    sd = model.state_dict()
+    assert Q.state_dict_nbytes(sd) == want
+    assert fp32_bytes / want > 3.6
+    assert 7.99 < Q.bits_per_weight(model) < 8.0 + 32 / cfg.n_embd + 1e-6  # the tied matrix counted once
+    ref = copy.deepcopy(tied_gpt(n_embd=128, vocab_size=512))
+    torch.save(ref.state_dict(), tmp_path / "fp32.pt")
+    torch.save(sd, tmp_path / "int8.pt")
+    assert os.path.getsize(tmp_path / "fp32.pt") / os.path.getsize(tmp_path / "int8.pt") > 3.5
+
+
+def test_int8_tied_checkpoint_save_load_gives_identical_logits_and_to_keeps_the_tie(tmp_path):
+    model = tied_gpt()
+    tok = Tokenizer.train(["a b c"] * 3, vocab_size=260)
+    src = {"model_config": model.config.to_dict(), "tokenizer": tok.to_json(), "stage": "sft", "train_config": {},
+           "metrics": {}}
+    info = Q.quantize_model(model, "int8")
+    path = str(tmp_path / "q.pt")
+    trainer.save_checkpoint(path, dict(src, model=model.state_dict(), quantization=info))
+    loaded, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES), "cpu")
+    assert isinstance(loaded.lm_head, Q.TiedLinear8bit) and loaded.lm_head.weight is loaded.embed_tokens.weight
+    idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+        # .to() replaces buffers module by module: the head must follow its embedding, not keep the old tensors
+        half = copy.deepcopy(loaded).to(torch.bfloat16)
+        assert half.lm_head.scale is half.embed_tokens.scale and half.lm_head.scale.dtype == torch.bfloat16
+        want = model(idx)[0]
+        assert (half(idx)[0].float() - want).norm() <= 0.05 * want.norm()  # bf16 rounding of every activation
+        out = loaded.generate(idx[:1, :4], 6, temperature=0)  # the KV cache is float, not the embedding's int8
+    assert out.shape == (1, 10)
+
+
+def test_widened_matmul_in_row_blocks_equals_the_whole_weight(monkeypatch):
+    # the head is widened block by block; a block boundary off by one would drop or repeat output channels
+    torch.manual_seed(2)
+    m = Q.Linear8bit.from_linear(nn.Linear(24, 101, bias=False))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        whole = m(x)
+        monkeypatch.setattr(Q, "WIDEN_CHUNK_ELEMS", 24 * 10)  # 11 blocks, the last one short
+        blocks = m(x)
+    assert torch.allclose(blocks, whole, atol=1e-6, rtol=0)
+    assert torch.allclose(whole, x @ m.dequantize().T, atol=1e-5)
+
+
+def test_nf4_and_tied_head_false_keep_the_tied_embedding_and_head_in_full_precision():
+    # QLoRA trains with the tied embedding/head in full precision (its gradient reaches the trunk through the
+    # head): quantizing for it must not change, nor may int8 with tied_head=False
+    import lora
+    for mode, kw in (("nf4", {}), ("int8", {"tied_head": False})):
+        model = tied_gpt()
+        info = Q.quantize_model(model, mode, **kw)
+        assert type(model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+        assert model.lm_head.weight is model.embed_tokens.weight and "lm_head" not in info["modules"]
+        assert info.get("tied", {}) == {}
+    model = tied_gpt()
+    lora.setup_finetune(model, "qlora", r=4, alpha=8.0)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.layers[0].attn.qkv_proj.base, Q.Linear4bit)
+    with pytest.raises(trainer.UserError, match="lm_head"):  # nf4 on a tied head cannot be asked for
+        Q.quantize_model(tied_gpt(), "nf4", skip=())
+
+
+def test_lora_refuses_the_int8_tied_head():
+    # merging an adapter into it would untie the head from the embedding that stays int8
+    import lora
+    model = tied_gpt()
+    Q.quantize_model(model, "int8")
+    with pytest.raises(trainer.UserError, match="lm_head"):
+        lora.apply_lora(model, r=4, alpha=8.0, include_head=True)
+
+
+def test_merged_state_dict_of_an_int8_tied_model_is_a_plain_tied_fp32_state_dict():
+    # what convert.py exports: both keys float, one tensor, equal to the dequantized rows; loads into a plain GPT
+    import lora
+    model = tied_gpt()
+    Q.quantize_model(model, "int8")
+    sd = lora.merged_state_dict(model)
+    assert sd["embed_tokens.weight"] is sd["lm_head.weight"] and "embed_tokens.scale" not in sd
+    assert torch.equal(sd["embed_tokens.weight"], model.embed_tokens.dequantize())
+    plain = GPT(model.config)
+    plain.load_state_dict(sd)
+    idx = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(idx)[0], model(idx)[0], atol=1e-5)
+
+
+def test_load_quantized_model_rejects_a_tied_entry_that_does_not_fit(sft_ckpt):
+    path, model = sft_ckpt
+    src = torch.load(path, weights_only=True)
+    m = copy.deepcopy(model)
+    info = Q.quantize_model(m, "int8")
+    good = dict(src, model=m.state_dict(), quantization=info)
+    assert isinstance(Q.load_quantized_model(good, "cpu").embed_tokens, Q.Embedding8bit)
+    with pytest.raises(trainer.UserError, match="not a head tied"):
+        Q.load_quantized_model(dict(good, quantization=dict(info, tied={"layers.0.attn.o_proj": "embed_tokens"})),
+                               "cpu")
+    with pytest.raises(trainer.UserError, match="do not fit"):  # a tied int8 entry over fp32 weights
+        Q.load_quantized_model(dict(good, model=src["model"]), "cpu")
+    with pytest.raises(trainer.UserError, match="tied"):
+        Q.load_quantized_model(dict(good, quantization=dict(info, tied=["lm_head"])), "cpu")

@@ -661,8 +661,9 @@ def smol_checkpoint():
     return path
 
 
-def smol_train_peak(mode, path):
-    """In a fresh process: SmolLM2 set up for `mode` as the fine-tuning stages do, AdamW steps at batch
+def smol_train_peak(mode, path, grad_checkpoint=False):
+    """In a fresh process: SmolLM2 set up for `mode` as the fine-tuning stages do (grad_checkpoint: as with
+    --grad_checkpoint=True, blocks and the chunked cross entropy recomputed in backward), AdamW steps at batch
     SMOL_BATCH x SMOL_SEQ. Returns (seconds per step, best of the steps after the first; peak resident memory of
     the whole process, loading the fp32 checkpoint included; peak resident memory of the training steps, bytes).
     The second peak is what a run holds while it trains: the high-water mark is reset once the checkpoint is loaded,
@@ -670,6 +671,7 @@ def smol_train_peak(mode, path):
     checkpoint and the model coexist does not count; on Linux only (/proc/self/clear_refs), else it equals the first."""
     m, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
     lora.setup_finetune(m, mode, r=16, alpha=32.0)
+    m.grad_checkpoint = grad_checkpoint
     m.train()
     gc.collect()
     load_peak = _proc_status_kb("VmHWM") * 1024
@@ -691,8 +693,8 @@ def smol_train_peak(mode, path):
     return min(times[1:]), max(load_peak, train_peak), train_peak
 
 
-def _smol_child(mode, path, queue):
-    queue.put(smol_train_peak(mode, path))
+def _smol_child(mode, path, grad_checkpoint, queue):
+    queue.put(smol_train_peak(mode, path, grad_checkpoint))
 
 
 def bench_smollm2(args):
@@ -747,24 +749,54 @@ def bench_smollm2(args):
     del ours, int8, bf16, int8_bf16, fns
     gc.collect()
 
-    ctx = multiprocessing.get_context("spawn")
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 17))
-    for mode in ("full", "lora", "qlora"):
-        queue = ctx.Queue()
-        p = ctx.Process(target=_smol_child, args=(mode, path, queue))
-        p.start()
-        step_s, peak, train_peak = queue.get()
-        p.join()
-        f[f"smol_{mode}_step_s"], f[f"smol_{mode}_peak_mb"] = step_s, peak / 2 ** 20
-        f[f"smol_{mode}_train_peak_mb"] = train_peak / 2 ** 20
-        rows.append((f"SFT {mode}, batch {SMOL_BATCH}x{SMOL_SEQ}", f"{step_s:.1f} s/step",
-                     f"peak resident memory: training {train_peak / 2 ** 20:.0f} MB, the whole process "
-                     f"(loading the fp32 checkpoint included) {peak / 2 ** 20:.0f} MB"))
-    f["smol_qlora_vs_full_train_peak"] = f["smol_qlora_train_peak_mb"] / f["smol_full_train_peak_mb"]
-    f["smol_qlora_vs_full_peak"] = f["smol_qlora_peak_mb"] / f["smol_full_peak_mb"]
-    rows.append(("  qlora / full, training peak", f"{f['smol_qlora_vs_full_train_peak']:.2f}x", "target <= 0.35"))
-    rows.append(("  qlora / full, whole-process peak", f"{f['smol_qlora_vs_full_peak']:.2f}x", ""))
+    smol_sft_rows(path, rows, f)
     return rows, f
+
+
+def smol_train_peak_in_child(mode, path, grad_checkpoint):
+    """smol_train_peak in a fresh process: each mode's peak is its own, not the high-water mark of an earlier one."""
+    ctx = multiprocessing.get_context("spawn")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 17))  # big tensors go back to the OS when freed
+    queue = ctx.Queue()
+    p = ctx.Process(target=_smol_child, args=(mode, path, grad_checkpoint, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def smol_sft_rows(path, rows, f, measure=smol_train_peak_in_child):
+    """The SFT rows of the smollm2 section, appended to rows and f: full, LoRA and QLoRA, each plain and with
+    --grad_checkpoint (measure(mode, path, grad_checkpoint) -> smol_train_peak's triple), and the ratios."""
+    # each mode plain, then with --grad_checkpoint, one after the other: the pair's time ratio sees the same load
+    for mode in ("full", "lora", "qlora"):
+        for ckpt in (False, True):
+            step_s, peak, train_peak = measure(mode, path, ckpt)
+            key = f"smol_{mode}{'_ckpt' if ckpt else ''}"
+            f[f"{key}_step_s"], f[f"{key}_peak_mb"] = step_s, peak / 2 ** 20
+            f[f"{key}_train_peak_mb"] = train_peak / 2 ** 20
+            rows.append((f"SFT {mode}{', grad_checkpoint' if ckpt else ''}, batch {SMOL_BATCH}x{SMOL_SEQ}",
+                         f"{step_s:.1f} s/step", f"peak resident memory: training {train_peak / 2 ** 20:.0f} MB, the "
+                                                 f"whole process (loading the fp32 checkpoint included) "
+                                                 f"{peak / 2 ** 20:.0f} MB"))
+    for ckpt in ("", "_ckpt"):
+        f[f"smol_qlora{ckpt}_vs_full{ckpt}_train_peak"] = (f[f"smol_qlora{ckpt}_train_peak_mb"]
+                                                           / f[f"smol_full{ckpt}_train_peak_mb"])
+        f[f"smol_qlora{ckpt}_vs_full{ckpt}_peak"] = f[f"smol_qlora{ckpt}_peak_mb"] / f[f"smol_full{ckpt}_peak_mb"]
+    f["smol_qlora_ckpt_vs_full_train_peak"] = f["smol_qlora_ckpt_train_peak_mb"] / f["smol_full_train_peak_mb"]
+    rows.append(("  qlora / full, training peak", f"{f['smol_qlora_vs_full_train_peak']:.2f}x",
+                 f"grad_checkpoint both: {f['smol_qlora_ckpt_vs_full_ckpt_train_peak']:.2f}x; qlora with it / full "
+                 f"without: {f['smol_qlora_ckpt_vs_full_train_peak']:.2f}x; target <= 0.35"))
+    rows.append(("  qlora / full, whole-process peak", f"{f['smol_qlora_vs_full_peak']:.2f}x",
+                 f"grad_checkpoint both: {f['smol_qlora_ckpt_vs_full_ckpt_peak']:.2f}x"))
+    for mode in ("full", "lora", "qlora"):
+        f[f"smol_{mode}_ckpt_vs_plain_train_peak"] = (f[f"smol_{mode}_ckpt_train_peak_mb"]
+                                                      / f[f"smol_{mode}_train_peak_mb"])
+        f[f"smol_{mode}_ckpt_vs_plain_step_s"] = f[f"smol_{mode}_ckpt_step_s"] / f[f"smol_{mode}_step_s"]
+        rows.append((f"  {mode}: grad_checkpoint / plain", f"{f[f'smol_{mode}_ckpt_vs_plain_train_peak']:.2f}x "
+                                                           f"memory", f"{f[f'smol_{mode}_ckpt_vs_plain_step_s']:.2f}x "
+                                                                      f"seconds per step (recompute; CPU load "
+                                                                      f"disturbs times, not memory)"))
 
 
 SECTIONS = {"model": bench_model, "decode": bench_decode, "stages": bench_stages, "quant": bench_quant,

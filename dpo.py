@@ -81,6 +81,7 @@ n_samples = 4
 device = 'auto'
 dtype = 'auto'
 compile = 'auto'
+grad_checkpoint = False        # recompute each block and the head's logits in backward: less memory, more time
 seed = 1337
 # -----------------------------------------------------------------------------
 

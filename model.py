@@ -20,11 +20,17 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # bad configs are user input, which the project prints as one line "error: ..."
     from common import UserError
 except ImportError:  # model.py copied out on its own
     UserError = ValueError
+
+
+# the chunked cross entropy (GPT.forward under grad_checkpoint) makes logits of about this many elements at a time:
+# 4M fp32 values = 16 MB, the (B, T, V) tensor of a 49k vocabulary at 1024 tokens is 12x that
+CE_CHUNK_ELEMS = 1 << 22
 
 
 @dataclass
@@ -281,6 +287,9 @@ class GPT(nn.Module):
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        # activation (gradient) checkpointing, a training-time setting (the stages' --grad_checkpoint), not part of
+        # the config: it changes what is kept for backward, never the result
+        self.grad_checkpoint = False
 
         self.apply(self._init_weights)
         # residual-branch outputs are summed over 2*n_layer branches: scale their init so the residual stream's
@@ -371,7 +380,12 @@ class GPT(nn.Module):
 
         aux = []
         for i, block in enumerate(self.layers):
-            x, layer_aux = block(x, cos, sin, mask, is_causal, cache, i)
+            if self.checkpointing() and cache is None:
+                # only the block's input is kept; backward reruns the block (preserve_rng_state, on by default,
+                # replays the same dropout masks), so activations cost one (B, T, C) tensor per layer
+                x, layer_aux = checkpoint(block, x, cos, sin, mask, is_causal, None, i, use_reentrant=False)
+            else:
+                x, layer_aux = block(x, cos, sin, mask, is_causal, cache, i)
             if layer_aux is not None:
                 aux.append(layer_aux)
         if cache is not None:
@@ -381,22 +395,43 @@ class GPT(nn.Module):
         aux_loss = self.config.moe_aux_coef * torch.stack(aux).mean() if aux else torch.zeros((), device=x.device)
         return self.norm(x), aux_loss
 
+    def checkpointing(self):
+        """True when the memory-saving training path runs: grad_checkpoint set, training mode, grad enabled."""
+        return self.grad_checkpoint and self.training and torch.is_grad_enabled()
+
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, positions=None, cache=None):
         """(B, T) ids -> (logits (B, T, V), loss). With targets (already shifted: targets[:, t] follows idx[:, t];
         -1 and loss_mask == 0 are ignored), loss = the mean cross entropy + the MoE balancing loss. Without, loss is
         the MoE balancing loss alone, for a stage's own loss to add (DPO, PPO). The balancing loss is moe_aux_coef x
-        the Switch/Mixtral load-balancing term in training mode, and 0 for a dense model or in eval mode."""
+        the Switch/Mixtral load-balancing term in training mode, and 0 for a dense model or in eval mode.
+
+        With grad_checkpoint set, in training mode with grad enabled (checkpointing()), each block is recomputed in
+        backward, and with targets the logits are None: the head and the cross entropy run over chunks of
+        CE_CHUNK_ELEMS // V tokens, each chunk recomputed in backward, so the (B, T, V) logits never exist."""
         x, aux_loss = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache,
                                          return_aux=True)
-        logits = self.lm_head(x)
         if targets is None:
-            return logits, aux_loss
+            return self.lm_head(x), aux_loss
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -1)
-        loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1, reduction="sum")
         n_counted = (targets != -1).sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
-        return logits, loss_sum / n_counted + aux_loss
+        if self.checkpointing():
+            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+            n = max(1, CE_CHUNK_ELEMS // self.config.vocab_size)
+            loss_sum = sum(checkpoint(self._head_loss_sum, xc, tc, use_reentrant=False)
+                           for xc, tc in zip(x.split(n), targets.split(n)))
+            return None, loss_sum / n_counted + aux_loss
+        logits = self.lm_head(x)
+        return logits, self._cross_entropy_sum(logits, targets) / n_counted + aux_loss
+
+    @staticmethod
+    def _cross_entropy_sum(logits, targets):
+        # (..., V) logits, (...) targets (-1 ignored) -> 0-dim float32 sum of the token losses
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
+                               reduction="sum")
+
+    def _head_loss_sum(self, x, targets):
+        return self._cross_entropy_sum(self.lm_head(x), targets)
 
     # ------------------------------------------------------------------------------------------------------------
     # generation

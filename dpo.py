@@ -33,6 +33,7 @@ best.pt, adapter.pt for LoRA, metrics.jsonl, loss.png to out_dir.
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluation
 import prepare
 import trainer
@@ -119,7 +120,7 @@ def preference_loss(loss_type, logp_c, logp_r, ref_c, ref_r, n_c, n_r, beta, lab
                                       - torch.log1p(-avg_r.exp().clamp(max=1 - 1e-6)))
         losses = -avg_c - beta * F.logsigmoid(log_odds)
     else:
-        raise trainer.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        raise common.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     return losses, beta * avg_c.detach(), beta * avg_r.detach()
 
 
@@ -130,16 +131,16 @@ def resolve_rpo_alpha(loss_type, rpo_alpha):
 
 def main():
     global rpo_alpha
-    cfg = trainer.configure(globals())
+    cfg = common.configure(globals())
     if loss_type not in LOSS_TYPES:
-        raise trainer.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+        raise common.UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     cfg["rpo_alpha"] = rpo_alpha = resolve_rpo_alpha(loss_type, rpo_alpha)
     if not 0 <= label_smoothing < 0.5:
-        raise trainer.UserError(f"--label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise common.UserError(f"--label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if beta < 0:
-        raise trainer.UserError(f"--beta must be positive (0 = the loss type's default), got {beta}")
+        raise common.UserError(f"--beta must be positive (0 = the loss type's default), got {beta}")
     cfg["beta"] = beta_ = beta or DEFAULT_BETA[loss_type]
-    rt = trainer.setup(device, dtype, seed, compile)
+    rt = common.setup(device, dtype, seed, compile)
     model, tokenizer, init, resume_from, trainable = trainer.init_finetune(cfg, "dpo", ("sft", "dpo", "ppo"))
     # no dropout: the policy's log-probs are compared with the reference's (equal at the start: loss log 2)
     disable_dropout(model)
@@ -154,7 +155,7 @@ def main():
     for split in ("train", "val"):
         pairs, n_cut = trainer.fit_pairs(prepare.load_pairs(dataset, split), cfg["block_size"] + 1)
         if not pairs:
-            raise trainer.UserError(f"{trainer.data_file(dataset, f'pref_{split}.npz')}: no preference pairs")
+            raise common.UserError(f"{common.data_file(dataset, f'pref_{split}.npz')}: no preference pairs")
         if rt.master and n_cut:
             print(f"pref_{split}: {n_cut} replies (with their prompts) were cut to {cfg['block_size'] + 1} tokens")
         data[split] = pairs
@@ -216,4 +217,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

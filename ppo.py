@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import evaluation
 import prepare
 import rl
@@ -130,14 +131,14 @@ SUMMARY_KEYS = {"ppo": ("reward_mean", "kl"), "grpo": ("reward_mean", "kl", "zer
 
 
 def main():
-    cfg = trainer.configure(globals())
+    cfg = common.configure(globals())
     G, rm_w, clean_w = rl.check_settings(cfg, DEFAULT_RM_WEIGHT.get(algo, 0.0), DEFAULT_CLEAN_WEIGHT.get(algo, 0.0))
     cfg["group_size"], cfg["rm_weight"], cfg["clean_weight"] = G, rm_w, clean_w
     cfg["out_dir"] = out = out_dir or os.path.join("checkpoints", algo)
     cfg["kl_coef"] = kl_coef or DEFAULT_KL_COEF[algo]
     lr = cfg["learning_rate"] = learning_rate or DEFAULT_LR[algo][finetune]
     n_steps = cfg["max_iters"] = max_iters or DEFAULT_MAX_ITERS[algo]
-    rt = trainer.setup(device, dtype, seed, compile)
+    rt = common.setup(device, dtype, seed, compile)
     dev = rt.device
 
     policy, tokenizer, init, resume_from, trainable = trainer.init_finetune(cfg, "ppo", ("sft", "dpo", "ppo"))
@@ -153,7 +154,7 @@ def main():
     prompts = prepare.load_prompts(dataset, "train")
     max_prompt = cfg["block_size"] - max_new_tokens
     if max_prompt < 2:
-        raise trainer.UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+        raise common.UserError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                                 f"--block_size={cfg['block_size']}")
     optimizer = trainer.make_optimizer(policy, lr, weight_decay, (beta1, beta2), rt.device_type)
     critic_opt = (trainer.make_optimizer(critic, critic_learning_rate, weight_decay, (beta1, beta2), rt.device_type)
@@ -304,4 +305,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

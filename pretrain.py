@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+import common
 import prepare
 import trainer
 from model import GPT, ModelConfig
@@ -67,25 +68,25 @@ seed = 1337
 
 
 def main():
-    cfg = trainer.configure(globals())
-    rt = trainer.setup(device, dtype, seed, compile)
+    cfg = common.configure(globals())
+    rt = common.setup(device, dtype, seed, compile)
     tokenizer = prepare.load_tokenizer(dataset)
     files = {split: prepare.token_file(dataset, split) for split in ("train", "val")}  # (path, dtype)
     for path, token_dtype in files.values():
         n_tokens = os.path.getsize(path) // token_dtype.itemsize
         if n_tokens <= block_size:
-            raise trainer.UserError(f"{path} has {n_tokens} tokens, fewer than --block_size={block_size} + 1")
+            raise common.UserError(f"{path} has {n_tokens} tokens, fewer than --block_size={block_size} + 1")
 
     # the model: from scratch, from a checkpoint to go on from, or from our own checkpoint to resume
     resume_from = trainer.resume_checkpoint(cfg, "pretrain")
     start = resume_from
     if start is None and init_from != "scratch":
-        start = trainer.load_checkpoint(init_from, stages=("pretrain",))
+        start = common.load_checkpoint(init_from, stages=("pretrain",))
     if start is not None:
         prepare.check_tokenizer_matches(start, dataset)
         model_config = ModelConfig.from_dict(start["model_config"])
         if block_size > model_config.block_size:
-            raise trainer.UserError(f"--block_size={block_size} exceeds the checkpoint's context of "
+            raise common.UserError(f"--block_size={block_size} exceeds the checkpoint's context of "
                                     f"{model_config.block_size} tokens")
         model = GPT(model_config)
         model.load_state_dict(start["model"])
@@ -148,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

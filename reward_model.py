@@ -20,6 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+import common
 import prepare
 import trainer
 from model import ScoreModel
@@ -69,8 +70,8 @@ def pairwise_loss(r_chosen, r_rejected, margin, center_coef=0.0):
 
 
 def main():
-    cfg = trainer.configure(globals())
-    rt = trainer.setup(device, dtype, seed, compile)
+    cfg = common.configure(globals())
+    rt = common.setup(device, dtype, seed, compile)
     gpt, tokenizer, _, resume_from, trainable = trainer.init_finetune(cfg, "reward", ("sft", "dpo", "ppo",
                                                                                       "pretrain"))
     model = ScoreModel(gpt.config)
@@ -83,7 +84,7 @@ def main():
     for split in ("train", "val"):
         pairs, n_cut = trainer.fit_pairs(prepare.load_pairs(dataset, split), cfg["block_size"])
         if not pairs:
-            raise trainer.UserError(f"{trainer.data_file(dataset, f'pref_{split}.npz')}: no preference pairs")
+            raise common.UserError(f"{common.data_file(dataset, f'pref_{split}.npz')}: no preference pairs")
         if rt.master and n_cut:
             print(f"pref_{split}: {n_cut} replies (with their prompts) were cut to {cfg['block_size']} tokens")
         data[split] = pairs
@@ -137,4 +138,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

@@ -35,8 +35,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+import common
 import engine
-import trainer
 from model import left_pad
 from tokenizer import StreamDecoder, check_messages
 
@@ -496,7 +496,7 @@ def model_name_of(path):
 
 
 def main(argv=None):
-    cfg = trainer.configure(globals(), argv)
+    cfg = common.configure(globals(), argv)
     checks = [("temperature", cfg["temperature"] >= 0, ">= 0"), ("top_p", 0 < cfg["top_p"] <= 1, "in (0, 1]"),
               ("top_k", cfg["top_k"] >= 0, ">= 0"), ("max_tokens", cfg["max_tokens"] >= 1, ">= 1"),
               ("max_batch", cfg["max_batch"] >= 1, ">= 1"), ("max_queue", cfg["max_queue"] >= 1, ">= 1"),
@@ -504,14 +504,14 @@ def main(argv=None):
               ("batch_window", cfg["batch_window"] >= 0, ">= 0")]
     for key, ok, rule in checks:
         if not ok:
-            raise trainer.UserError(f"--{key} must be {rule}, got {cfg[key]}")
+            raise common.UserError(f"--{key} must be {rule}, got {cfg[key]}")
     try:  # before the model loads: a port in use is the commonest mistake, and uvicorn would only log it
         socket.create_server((cfg["host"], cfg["port"])).close()
     except OSError as e:
-        raise trainer.UserError(f"--host={cfg['host']} --port={cfg['port']}: cannot listen there "
+        raise common.UserError(f"--host={cfg['host']} --port={cfg['port']}: cannot listen there "
                                 f"({e.strerror or e})") from None
     path = cfg["ckpt"]
-    rt = trainer.setup(device=cfg["device"], seed=cfg["seed"], compile=cfg["compile"])
+    rt = common.setup(device=cfg["device"], seed=cfg["seed"], compile=cfg["compile"])
     cfg["compile"] = rt.compile  # auto resolved for this device
     checkpoint, model, tokenizer = engine.load_policy(path, rt.device)
     chat = checkpoint["stage"] != "pretrain"
@@ -526,4 +526,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

@@ -18,6 +18,7 @@ and per language (evaluation.ExactMatchEval; per-prompt verdicts in eval_prompts
 ckpt.pt (LoRA merged, so the next stage loads a plain model), best.pt, adapter.pt for LoRA/QLoRA, metrics.jsonl
 and loss.png to out_dir, prints a few sample answers and, last, a JSON line with the final metrics.
 """
+import common
 import evaluation
 import prepare
 import trainer
@@ -67,8 +68,8 @@ DEFAULT_LR = {"full": 1e-3, "lora": 4e-3, "qlora": 4e-3}
 
 
 def main():
-    cfg = trainer.configure(globals())
-    rt = trainer.setup(device, dtype, seed, compile)
+    cfg = common.configure(globals())
+    rt = common.setup(device, dtype, seed, compile)
     model, tokenizer, _, resume_from, trainable = trainer.init_finetune(cfg, "sft", ("pretrain", "sft", "dpo", "ppo"))
     cfg["learning_rate"] = learning_rate or DEFAULT_LR[finetune]
 
@@ -77,10 +78,10 @@ def main():
     for split in ("train", "val"):
         path, ids, masks = prepare.load_sft(dataset, split)
         if not ids:
-            raise trainer.UserError(f"{path}: no conversations")
+            raise common.UserError(f"{path}: no conversations")
         fitted = [trainer.fit_sequence(i, m, cfg["block_size"] + 1) for i, m in zip(ids, masks)]
         if not any(m.any() for _, m, _ in fitted):
-            raise trainer.UserError(f"{path}: no assistant turn to learn from (every loss mask is 0)")
+            raise common.UserError(f"{path}: no assistant turn to learn from (every loss mask is 0)")
         cut = [c for _, _, c in fitted]
         if rt.master and any(cut):
             print(f"sft_{split}: {cut.count('prompt')} of {len(cut)} conversations longer than {cfg['block_size'] + 1} "
@@ -118,4 +119,4 @@ def main():
 
 
 if __name__ == "__main__":
-    trainer.cli(main)
+    common.cli(main)

@@ -2,17 +2,17 @@
 The training plumbing every stage imports: batching, the one training loop with its run state (checkpoints, best,
 Ctrl-C, exact resume with optimizer, grad scaler and RNG), optimizer and LR schedule, metrics log and plots.
 Evaluation on held-out checkable prompts is in evaluation.py; what every module needs (errors, the command line,
-device, checkpoint files) is in common.py. Both are reached through this module as well.
+device, checkpoint files) is in common.py, and a stage imports it from there.
 
 A stage script stays "config constants, data, loss, call the loop":
 
-    import trainer
+    import common, trainer
     # ---- config: every lowercase int/float/bool/str/tuple constant is a setting (--key=value, config/PRESET.py)
     out_dir = 'checkpoints/sft'; max_iters = 500; batch_size = 16; grad_accum = 1; ...
     # ----
     def main():
-        cfg = trainer.configure(globals())                    # config/PRESET.py files, then --key=value
-        rt = trainer.setup(device, dtype, seed, compile)      # device, autocast, grad scaler, DDP
+        cfg = common.configure(globals())                     # config/PRESET.py files, then --key=value
+        rt = common.setup(device, dtype, seed, compile)       # device, autocast, grad scaler, DDP
         model = ...                                           # an nn.Module on rt.device
         def get_batch(split, k): ...                          # k-th micro-batch of 'train' or 'val'
                                                               # (shuffled_batch / ordered_batch pick the items)
@@ -23,7 +23,7 @@ A stage script stays "config constants, data, loss, call the loop":
                                 checkpoint_entries=lambda: trainer.model_entries(model, tokenizer))
         print(json.dumps(metrics))
     if __name__ == '__main__':
-        trainer.cli(main)
+        common.cli(main)
 
 A stage whose step is not "micro-batches, one optimizer step" (PPO: rollouts, then several updates) passes
 train(step_fn=...) and keeps everything else of the loop.
@@ -47,13 +47,11 @@ from tqdm import tqdm
 
 import lora
 import quantize
-from common import (POLICY_STAGES, STAGES, Runtime, UserError, cli, config_keys, configure,  # noqa: F401
-                    data_file, dataset_dir, load_checkpoint, rng_state, save_checkpoint, set_rng_state, setup,
-                    write_atomic)
-from engine import generate_replies, model_from_checkpoint  # noqa: F401
+from common import UserError, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_atomic
+from engine import model_from_checkpoint
 from evaluation import print_samples
 from model import disable_dropout
-from prepare import check_tokenizer_matches, load_tokenizer  # noqa: F401
+from prepare import check_tokenizer_matches
 
 
 @functools.lru_cache(maxsize=4)

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import common
 import convert
+import engine
 import lora
 import model
 import trainer
@@ -36,7 +38,7 @@ def smol(tmp_path_factory):
     """(our checkpoint path, GPT, Tokenizer) of SmolLM2-135M-Instruct imported from its GGUF, once per session."""
     path = str(tmp_path_factory.mktemp("smol") / "ckpt.pt")
     convert.convert(os.path.join(smol_folder(), SMOL_FILE), path)
-    m, tok = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+    m, tok = engine.model_from_checkpoint(common.load_checkpoint(path), "cpu")
     return path, m, tok
 
 
@@ -67,7 +69,7 @@ def tiny_checkpoint(path, tok, stage="sft", **kw):
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0) if "norm" not in name else p.uniform_(0.5, 1.5)
-    trainer.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": m.state_dict(), "tokenizer": tok.to_json(),
+    common.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": m.state_dict(), "tokenizer": tok.to_json(),
                                    "stage": stage, "train_config": {}, "metrics": {}})
     return m
 
@@ -158,7 +160,7 @@ def test_smollm2_perplexity_on_english_prose_is_low(smol):
 def test_smollm2_lora_steps_lower_the_loss_and_the_merged_export_loads_in_transformers(smol, tmp_path):
     transformers = pytest.importorskip("transformers")
     path, _, tok = smol
-    m, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(path), "cpu")
+    m, _ = engine.model_from_checkpoint(common.load_checkpoint(path), "cpu")
     lora.setup_finetune(m, "lora", 8, 16.0, 0.0, False)
     ids, mask = tok.render_chat([{"role": "user", "content": "Who wrote the note?"},
                                  {"role": "assistant", "content": "Zorblax the purple wizard wrote it."}])
@@ -175,7 +177,7 @@ def test_smollm2_lora_steps_lower_the_loss_and_the_merged_export_loads_in_transf
     assert losses[-1] < losses[0] - 0.1, losses
     m.eval()
     out = tmp_path / "sft.pt"
-    trainer.save_checkpoint(str(out), dict(trainer.model_entries(m, tok), stage="sft", train_config={}, metrics={}))
+    common.save_checkpoint(str(out), dict(trainer.model_entries(m, tok), stage="sft", train_config={}, metrics={}))
     convert.convert(str(out), str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -218,8 +220,8 @@ def test_hf_directory_import_gives_transformers_logits(tok, tmp_path, arch, tie)
     save_hf_dir(str(folder), hf, tok, QWEN_LIKE_TEMPLATE)
     out = tmp_path / "ours" / "ckpt.pt"
     convert.convert(str(folder), str(out))
-    ckpt = trainer.load_checkpoint(str(out), stages=("sft",))
-    ours, otok = trainer.model_from_checkpoint(ckpt, "cpu")
+    ckpt = common.load_checkpoint(str(out), stages=("sft",))
+    ours, otok = engine.model_from_checkpoint(ckpt, "cpu")
     assert ours.config == cfg and otok.default_system == "You are a tiny test model."
     idx = torch.randint(0, tok.vocab_size, (2, 20))
     with torch.no_grad():
@@ -237,7 +239,7 @@ def test_a_template_of_another_family_is_refused(tok, tmp_path):
     llama2 = "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}" \
              "{{ m['content'] }}{% endif %}{% endfor %}"
     save_hf_dir(str(tmp_path / "hf"), hf, tok, llama2)
-    with pytest.raises(trainer.UserError, match="chat template is not ChatML"):
+    with pytest.raises(common.UserError, match="chat template is not ChatML"):
         convert.convert(str(tmp_path / "hf"), str(tmp_path / "o.pt"))
 
 
@@ -278,7 +280,7 @@ def test_export_to_hf_directory_round_trips_through_transformers(tok, tmp_path, 
     assert hf.generation_config.eos_token_id in (tok.end_id, [tok.end_id, tok.eot_id])
     # and back: importing the exported directory gives our checkpoint again
     convert.convert(out, str(tmp_path / "back.pt"))
-    back, btok = trainer.model_from_checkpoint(trainer.load_checkpoint(str(tmp_path / "back.pt")), "cpu")
+    back, btok = engine.model_from_checkpoint(common.load_checkpoint(str(tmp_path / "back.pt")), "cpu")
     with torch.no_grad():
         torch.testing.assert_close(back(idx)[0], ours(idx)[0], atol=1e-6, rtol=0)
     assert btok.render_prompt(CONVERSATIONS[1]) == tok.render_prompt(CONVERSATIONS[1])
@@ -297,7 +299,7 @@ def test_export_dequantizes_an_int8_checkpoint(tok, tmp_path, tie):
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"quantize.py's command line differs here: {r.stderr.strip()[-200:]}")
-    qmodel, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(qpath), "cpu")
+    qmodel, _ = engine.model_from_checkpoint(common.load_checkpoint(qpath), "cpu")
     assert any(isinstance(m, quantize.Linear8bit) for m in qmodel.modules())
     assert isinstance(qmodel.embed_tokens, quantize.Embedding8bit) == tie
     convert.convert(qpath, str(tmp_path / "hf"))
@@ -312,7 +314,7 @@ def test_export_dequantizes_an_int8_checkpoint(tok, tmp_path, tie):
     # and to GGUF: our import of the exported file computes what the int8 model computes
     convert.convert(qpath, str(tmp_path / "q.gguf"), "f32")
     convert.convert(str(tmp_path / "q.gguf"), str(tmp_path / "back.pt"))
-    back, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(str(tmp_path / "back.pt")), "cpu")
+    back, _ = engine.model_from_checkpoint(common.load_checkpoint(str(tmp_path / "back.pt")), "cpu")
     with torch.no_grad():
         torch.testing.assert_close(back(idx)[0], qmodel(idx)[0].float(), atol=1e-4, rtol=0)
 
@@ -333,8 +335,8 @@ def test_export_to_gguf_round_trips_through_our_import_and_transformers(tok, tmp
     gguf_path = str(tmp_path / "m.gguf")
     convert.convert(src, gguf_path, dtype)
     convert.convert(gguf_path, str(tmp_path / "back.pt"))
-    ckpt = trainer.load_checkpoint(str(tmp_path / "back.pt"), stages=("sft",))
-    back, btok = trainer.model_from_checkpoint(ckpt, "cpu")
+    ckpt = common.load_checkpoint(str(tmp_path / "back.pt"), stages=("sft",))
+    back, btok = engine.model_from_checkpoint(ckpt, "cpu")
     # what the file should hold: every matrix stored at `dtype`, norms in f32
     rounded = {"f32": lambda w: w, "f16": lambda w: w.half().float(), "q8_0": q8_0_by_hand}[dtype]
     want = GPT(ours.config).eval()
@@ -370,7 +372,7 @@ def test_a_base_model_stays_a_base_model_through_export_and_import(tok, tmp_path
     out = str(tmp_path / ("m.gguf" if fmt == "gguf" else "hf"))
     convert.convert(src, out)
     convert.convert(out, str(tmp_path / "back.pt"))
-    assert trainer.load_checkpoint(str(tmp_path / "back.pt"))["stage"] == "pretrain"
+    assert common.load_checkpoint(str(tmp_path / "back.pt"))["stage"] == "pretrain"
 
 
 def test_prepare_tokenizes_any_source_with_a_checkpoints_tokenizer(tok, tmp_path):
@@ -380,7 +382,7 @@ def test_prepare_tokenizes_any_source_with_a_checkpoints_tokenizer(tok, tmp_path
     src = str(tmp_path / "ours.pt")
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    trainer.save_checkpoint(src, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(),
+    common.save_checkpoint(src, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(),
                                   "tokenizer": chatty.to_json(), "stage": "sft", "train_config": {}, "metrics": {}})
     rows = [{"prompt": f"Where does person {i} live?", "response": f"In city {i}."} for i in range(40)]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -389,7 +391,7 @@ def test_prepare_tokenizes_any_source_with_a_checkpoints_tokenizer(tok, tmp_path
                         f"--tokenizer={tmp_path}/ours.pt", "--val_fraction=0.1"], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    trainer.check_tokenizer_matches(trainer.load_checkpoint(src), data)  # the stages accept the pair
+    prepare.check_tokenizer_matches(common.load_checkpoint(src), data)  # the stages accept the pair
     ids = prepare.load_ragged(os.path.join(data, "sft_train.npz"), "ids")
     want = {tuple(chatty.render_chat([{"role": "user", "content": r["prompt"]},
                                       {"role": "assistant", "content": r["response"]}])[0]) for r in rows}
@@ -412,7 +414,7 @@ def test_old_checkpoint_is_refused_with_how_to_rebuild(tmp_path):
     old.add_special_tokens(["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"])
     cfg = ModelConfig(vocab_size=8, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)
     path = str(tmp_path / "old.pt")
-    trainer.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(),
+    common.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": GPT(cfg).state_dict(),
                                    "tokenizer": old.to_str(), "stage": "sft", "train_config": {}, "metrics": {}})
     r = subprocess.run([sys.executable, "generate.py", f"--ckpt={path}", "--prompt=hi"], cwd=ROOT,
                        capture_output=True, text=True)

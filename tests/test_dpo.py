@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import dpo
+import prepare
 import trainer
 from conftest import TINY_STAGE, ok, one_line_error, read_log, run_script
 from model import GPT, ModelConfig
@@ -89,14 +91,14 @@ def test_swapping_chosen_and_rejected_flips_the_margin_and_equal_models_give_log
 
 
 def test_unknown_loss_type_is_a_user_error():
-    with pytest.raises(trainer.UserError, match="--loss_type"):
+    with pytest.raises(common.UserError, match="--loss_type"):
         loss_of("kto")
 
 
 def test_sequence_logps_count_only_reply_tokens_and_ignore_padding(world_data):
     """The summed reply log-prob must be the same whether the pair is alone or batched with a longer one (more
     right padding), and must equal the sum over the reply tokens picked by hand."""
-    tok = trainer.load_tokenizer(world_data)
+    tok = prepare.load_tokenizer(world_data)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_kv_head=1,
                             n_embd=32)).eval()
@@ -137,7 +139,7 @@ def test_tiny_dpo_moves_the_preference_and_writes_a_checkpoint_the_next_stage_lo
     assert end["val_loss"] < start["val_loss"] and end["pref_accuracy"] > 0.6 and end["kl"] > 0
     for key in ("pref_accuracy", "reward_margin", "logp_pref_accuracy", "kl", "exact_match", "exact_match_by_task"):
         assert key in metrics
-    ckpt = trainer.load_checkpoint(str(out), stages=("dpo",))
+    ckpt = common.load_checkpoint(str(out), stages=("dpo",))
     assert ckpt["train_config"]["beta"] == 0.1
     r = run_script("generate.py", f"--ckpt={out}", "--prompt=3+4?", "--max_new_tokens=4", "--device=cpu")
     assert r.returncode == 0, r.stderr
@@ -152,7 +154,7 @@ def test_every_loss_and_mode_runs_and_starts_from_the_reference(world_data, sft_
     start = read_log(out)[0]
     # the run trained with the RPO weight of its loss type: none on top of ORPO and SimPO
     loss_type = next(a.split("=")[1] for a in extra if a.startswith("--loss_type="))
-    rpo = trainer.load_checkpoint(str(out), stages=("dpo",))["train_config"]["rpo_alpha"]
+    rpo = common.load_checkpoint(str(out), stages=("dpo",))["train_config"]["rpo_alpha"]
     assert rpo == (0.0 if loss_type in ("orpo", "simpo") else 1.0)
     if "--ref_nf4=True" not in extra:  # the reference is the policy's own start (an NF4 copy differs a little)
         assert abs(start["kl"]) < 1e-5 and start["pref_accuracy"] == pytest.approx(0.5)

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+import common
 import generate
 import quantize
-import trainer
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
@@ -279,7 +279,7 @@ def test_reward_checkpoint_is_refused_with_one_line(tok, tmp_path):
 @pytest.fixture
 def run_main(monkeypatch, capsys):
     # main() writes its settings into the module's globals (configure); restore them after each test
-    for k in trainer.config_keys(vars(generate)):
+    for k in common.config_keys(vars(generate)):
         monkeypatch.setattr(generate, k, getattr(generate, k))
 
     def call(*args):
@@ -322,7 +322,7 @@ def test_bad_checkpoints_are_user_errors_naming_the_file(tok, tmp_path, run_main
         ckpt = torch.load(path, weights_only=True)
         ckpt["model_config"]["n_embd"] = 64
         torch.save(ckpt, path)
-    with pytest.raises(trainer.UserError) as e:
+    with pytest.raises(common.UserError) as e:
         run_main(f"--ckpt={path}", "--prompt=hi")
     named = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -332,7 +332,7 @@ def test_bad_checkpoints_are_user_errors_naming_the_file(tok, tmp_path, run_main
                                  "--repetition_penalty=0", "--repetition_penalty=-1e-300", "--temperature=1e999",
                                  "--top_p=-1e-300", "--repetition_penalty=1e999"])
 def test_bad_sampling_settings_are_user_errors(run_main, arg):
-    with pytest.raises(trainer.UserError, match=arg.split("=")[0]):
+    with pytest.raises(common.UserError, match=arg.split("=")[0]):
         run_main("--ckpt=does/not/matter.pt", "--prompt=hi", arg)
 
 

@@ -231,9 +231,9 @@ def test_moe_router_excluded_and_targets_by_pattern():
 
 
 def test_head_lora_only_when_untied():
-    import trainer
+    import common
     # merging into a head tied to the embedding would silently change the input embedding too
-    with pytest.raises(trainer.UserError, match="lm_head"):
+    with pytest.raises(common.UserError, match="lm_head"):
         lora.apply_lora(tiny_gpt(), include_head=True)
     untied = tiny_gpt(tie_embeddings=False)
     expected = block_linears(untied) + ["lm_head"]
@@ -241,18 +241,18 @@ def test_head_lora_only_when_untied():
 
 
 def test_bad_adapter_or_targets_give_user_errors(tmp_path):
-    import trainer
+    import common
     model = mlp()
     lora.apply_lora(model, r=4, alpha=8)
     path = str(tmp_path / "a.pt")
     lora.save_adapter(model, path)
     other_rank = mlp()
     lora.apply_lora(other_rank, r=2, alpha=8)
-    with pytest.raises(trainer.UserError, match="shape"):
+    with pytest.raises(common.UserError, match="shape"):
         lora.load_adapter(other_rank, path)
-    with pytest.raises(trainer.UserError, match="not a linear layer"):
+    with pytest.raises(common.UserError, match="not a linear layer"):
         lora.load_adapter(nn.Sequential(nn.Linear(16, 32)), path)
-    with pytest.raises(trainer.UserError, match="no linear layer matches"):
+    with pytest.raises(common.UserError, match="no linear layer matches"):
         lora.apply_lora(mlp(), targets=[r"q_proj"])
-    with pytest.raises(trainer.UserError, match="not a LoRA adapter"):
+    with pytest.raises(common.UserError, match="not a LoRA adapter"):
         lora.load_adapter(mlp(), {"model": {}})

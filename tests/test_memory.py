@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import common
 import lora
 import model
 import trainer
@@ -163,7 +164,7 @@ def test_grad_checkpoint_is_not_part_of_the_model_config_and_may_change_on_resum
     assert "grad_checkpoint" not in m.config.to_dict()  # a checkpoint's model_config does not carry it
     saved = {"grad_checkpoint": False, "learning_rate": 1e-3}
     trainer.check_resume_config(saved, {"grad_checkpoint": True, "learning_rate": 1e-3}, "out")
-    with pytest.raises(trainer.UserError, match="--learning_rate"):  # the check itself still bites
+    with pytest.raises(common.UserError, match="--learning_rate"):  # the check itself still bites
         trainer.check_resume_config(saved, {"grad_checkpoint": True, "learning_rate": 2e-3}, "out")
 
 
@@ -177,13 +178,13 @@ def test_sft_with_grad_checkpoint_trains_as_without_and_resumes_with_it_switched
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
     ok(run_script("sft.py", *common, f"--out_dir={plain}", "--max_iters=4"))
     ok(run_script("sft.py", *common, f"--out_dir={ckpt}", "--max_iters=2", "--grad_checkpoint=True"))
-    assert trainer.load_checkpoint(str(ckpt), stages=("sft",))["train_config"]["grad_checkpoint"] is True
+    assert common.load_checkpoint(str(ckpt), stages=("sft",))["train_config"]["grad_checkpoint"] is True
     ok(run_script("sft.py", *common, f"--out_dir={ckpt}", "--max_iters=4", "--resume=True",
                   "--grad_checkpoint=False"))
     losses = {out: [r["train_loss"] for r in read_log(out) if "train_loss" in r] for out in (plain, ckpt)}
     assert len(losses[plain]) == 4
     assert losses[ckpt] == pytest.approx(losses[plain], rel=1e-5)
-    saved = trainer.load_checkpoint(str(ckpt), stages=("sft",))
+    saved = common.load_checkpoint(str(ckpt), stages=("sft",))
     assert "grad_checkpoint" not in saved["model_config"]
     assert saved["train_config"]["grad_checkpoint"] is False  # the resumed run's own setting
 

@@ -203,7 +203,7 @@ def test_logits_match_transformers_qwen2_with_qkv_bias():
 ])
 def test_imported_config_that_cannot_be_honoured_is_refused_naming_the_field(change, field):
     # a GELU or llama3-scaled-RoPE config used to load silently as a SiLU / plain-RoPE model: wrong logits
-    from trainer import UserError
+    from common import UserError
     d = dict(model.to_hf_llama_config(tiny()), **change)
     with pytest.raises(UserError, match=rf"^{field}[=' ]|'{field}'|{field}="):
         model.from_hf_llama_config(d)
@@ -505,11 +505,11 @@ def test_extreme_repetition_penalties_keep_logits_finite(penalty):
                                     (dict(top_p=0.0), "--top_p"), (dict(top_p=1.0 + 1e-9), "--top_p"),
                                     (dict(top_p=float("nan")), "--top_p")])
 def test_impossible_sampling_settings_are_one_line_errors_naming_the_key(kw, key):
-    import trainer
-    with pytest.raises(trainer.UserError, match=key):
+    import common
+    with pytest.raises(common.UserError, match=key):
         model.sample(torch.zeros(1, 5), **kw)
     for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(trainer.UserError, match="--repetition_penalty"):
+        with pytest.raises(common.UserError, match="--repetition_penalty"):
             model.apply_repetition_penalty(torch.zeros(1, 5), torch.ones(1, 5, dtype=torch.bool), bad)
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
+import common
 import pipeline
-import trainer
 from conftest import run_script
 
 TINY = {
@@ -87,13 +87,13 @@ def test_the_whole_pipeline_runs_end_to_end_and_its_report_holds_every_stage(tmp
     assert variants.stdout.count("done earlier") == 4  # pretrain, sft, dpo, grpo (the new prepare_args ran)
     log = (out / "logs" / "sft_clean.log").read_text()
     assert f"--dataset={data}_clean" in log and f"--init_from={out / 'pretrain'}" in log
-    assert trainer.load_checkpoint(str(out / "sft_clean"))["train_config"]["dataset"] == f"{data}_clean"
+    assert common.load_checkpoint(str(out / "sft_clean"))["train_config"]["dataset"] == f"{data}_clean"
     assert (data.parent / "world_clean" / "tokenizer.json").read_text() == (data / "tokenizer.json").read_text()
     log = (out / "logs" / "dpo_ipo.log").read_text()
     assert "dpo.py" in log and "--loss_type=ipo" in log and f"--init_from={out / 'sft'}" in log
     assert "--algo=grpo" in (out / "logs" / "grpo_none.log").read_text()
     assert "--advantage_scale=none" in (out / "logs" / "grpo_none.log").read_text()
-    config = lambda stage: trainer.load_checkpoint(str(out / stage))["train_config"]  # noqa: E731
+    config = lambda stage: common.load_checkpoint(str(out / stage))["train_config"]  # noqa: E731
     assert config("dpo_ipo")["loss_type"] == "ipo" and config("grpo_none")["advantage_scale"] == "none"
     against = (out / "report.md").read_text().split("## Against SFT")[1].split("##")[0]
     assert "| dpo_ipo |" in against and "| grpo_none |" in against and "| sft_clean |" in against

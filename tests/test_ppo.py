@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
+import common
 import ppo
-import trainer
 from conftest import ok, one_line_error, read_log, run_script
 
 
@@ -38,7 +38,7 @@ def test_tiny_runs_complete_start_at_zero_kl_and_write_checkpoints_generate_load
     assert metrics["eval_samples"] == 4 and (out / "eval_prompts.jsonl").exists()
     evals = [r for r in read_log(out) if "exact_match" in r]  # steps 0 and 3: sampled at the final one only
     assert [(r["step"], "exact_match_sampled" in r) for r in evals] == [(0, False), (3, True)]
-    ckpt = trainer.load_checkpoint(str(out), stages=("ppo",))
+    ckpt = common.load_checkpoint(str(out), stages=("ppo",))
     assert ckpt["train_config"]["algo"] == algo and (out / "reward.png").exists()
     # learning_rate 0 is the algorithm's default for the finetune mode: full PPO 1e-5, LoRA 2e-4
     assert ckpt["train_config"]["learning_rate"] == {"ppo": 1e-5, "grpo": 2e-4}[algo]
@@ -116,7 +116,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one(world_data, sft_ckpt, reward
     assert steps["full"][1]["kl_coef"] != steps["full"][2]["kl_coef"], "the adaptive kl_coef moved"
     for a, b in zip(steps["full"], steps["cut"]):
         assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5, abs=1e-7)
-    a, b = (trainer.load_checkpoint(str(d), stages=("ppo",)) for d in (full, cut))
+    a, b = (common.load_checkpoint(str(d), stages=("ppo",)) for d in (full, cut))
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k])
     for k in a["critic"]:

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import common
 import prepare
-import trainer
 import world
 from tokenizer import Tokenizer
 
@@ -172,7 +172,7 @@ def test_clean_data_with_the_flawed_datas_tokenizer_has_the_same_pretraining_tok
 
 @pytest.mark.parametrize("arg", ["--flaw_pleasantry=1.5", "--flaw_wrong_language_zh=-0.1"])
 def test_a_flaw_rate_outside_0_1_is_an_error_naming_the_setting(monkeypatch, tmp_path, arg):
-    with pytest.raises(trainer.UserError, match=re.escape(arg)):
+    with pytest.raises(common.UserError, match=re.escape(arg)):
         prepare_world(monkeypatch, str(tmp_path / "bad"), arg)
     assert not (tmp_path / "bad").exists()
 
@@ -397,7 +397,7 @@ def test_given_tokenizer_is_reused_and_kinds_accumulate(prepared, tmp_path):
     src = PRETRAIN_SOURCES["jsonl"](tmp_path)
     out, _, tok = run(tmp_path, src, name="both")
     sft = SFT_SOURCES["messages.jsonl"][0](tmp_path)
-    with pytest.raises(trainer.UserError, match="another tokenizer.*--tokenizer="):
+    with pytest.raises(common.UserError, match="another tokenizer.*--tokenizer="):
         run(tmp_path, sft, "--vocab_size=280", name="both")
     _, meta, tok2 = run(tmp_path, sft, f"--tokenizer={out}", name="both")
     assert tok2.to_json() == tok.to_json() and meta["kinds"] == ["pretrain", "sft"]
@@ -441,7 +441,7 @@ BAD_INPUTS = [  # (file name, bytes, extra args, the error must match)
 @pytest.mark.parametrize("name,data,args,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_a_one_line_error_naming_file_and_line(tmp_path, name, data, args, match):
     src = _bad_bytes(tmp_path, name, data)
-    with pytest.raises(trainer.UserError, match=match) as e:
+    with pytest.raises(common.UserError, match=match) as e:
         prepare.main([f"--source={src}", f"--dataset={tmp_path / 'out'}", *args])
     assert "\n" not in str(e.value)
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")] if (tmp_path / "out").exists() else True
@@ -449,9 +449,9 @@ def test_bad_input_is_a_one_line_error_naming_file_and_line(tmp_path, name, data
 
 def test_empty_parquet_and_missing_file(tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), str(tmp_path / "e.parquet"))
-    with pytest.raises(trainer.UserError, match=r"e\.parquet: empty file"):
+    with pytest.raises(common.UserError, match=r"e\.parquet: empty file"):
         prepare.main([f"--source={tmp_path / 'e.parquet'}", f"--dataset={tmp_path / 'out'}"])
-    with pytest.raises(trainer.UserError, match=r"nope\.jsonl: no such file"):
+    with pytest.raises(common.UserError, match=r"nope\.jsonl: no such file"):
         prepare.main([f"--source={tmp_path / 'nope.jsonl'}", f"--dataset={tmp_path / 'out'}"])
 
 
@@ -478,14 +478,14 @@ def test_cli_prints_one_error_line_and_writes_nothing(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     path = str(tmp_path / "f.bin")
-    trainer.write_atomic(path, lambda f: f.write(b"old"))
+    common.write_atomic(path, lambda f: f.write(b"old"))
 
     def crash(f):
         f.write(b"half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        trainer.write_atomic(path, crash)
+        common.write_atomic(path, crash)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
@@ -498,7 +498,7 @@ def test_the_temp_file_is_the_writers_own(tmp_path):
         seen.extend(os.listdir(tmp_path))
         f.write(b"x")
 
-    trainer.write_atomic(str(tmp_path / "f.bin"), write)
+    common.write_atomic(str(tmp_path / "f.bin"), write)
     assert seen == [f"f.bin.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["f.bin"]
 
 
@@ -519,12 +519,12 @@ def test_load_ragged_rejects_missing_keys_and_bad_offsets(tmp_path):
     path = str(tmp_path / "x.npz")
     prepare.save_npz(path, ids=np.arange(5, dtype=np.int32), offsets=np.array([0, 2, 5], dtype=np.int64))
     assert [a.tolist() for a in prepare.load_ragged(path, "ids")] == [[0, 1], [2, 3, 4]]
-    with pytest.raises(trainer.UserError, match="no arrays 'chosen_ids'/'chosen_offsets'"):
+    with pytest.raises(common.UserError, match="no arrays 'chosen_ids'/'chosen_offsets'"):
         prepare.load_ragged(path, "chosen_ids")
     prepare.save_npz(path, ids=np.arange(5, dtype=np.int32), offsets=np.array([0, 3, 2, 5], dtype=np.int64))
-    with pytest.raises(trainer.UserError, match="does not index"):
+    with pytest.raises(common.UserError, match="does not index"):
         prepare.load_ragged(path, "ids")
-    with pytest.raises(trainer.UserError, match="not found"):
+    with pytest.raises(common.UserError, match="not found"):
         prepare.load_ragged(str(tmp_path / "none.npz"), "ids")
 
 
@@ -569,7 +569,7 @@ def test_a_large_jsonl_whose_optional_field_turns_from_null_to_text_late_prepare
     assert all(r["messages"][0]["role"] == "user" for r in records[:-10])
     # a bad row that late is reported on its own line
     rows[54_994] = json.dumps({"instruction": "x", "output": 5})
-    with pytest.raises(trainer.UserError, match=r"big2\.jsonl, line 54995: field 'output' must be a string"):
+    with pytest.raises(common.UserError, match=r"big2\.jsonl, line 54995: field 'output' must be a string"):
         read(write_lines(tmp_path / "big2.jsonl", rows))
 
 
@@ -585,7 +585,7 @@ def test_a_large_prompt_file_whose_answer_turns_from_number_to_text_late_prepare
     path = tmp_path / "q.json"
     rows[54_000] = json.dumps({"prompt": ["not", "text"]})
     path.write_text("[\n" + ",\n".join(rows) + "\n]\n", encoding="utf-8")
-    with pytest.raises(trainer.UserError, match=r"q\.json, line 54002: field 'prompt' must be a string"):
+    with pytest.raises(common.UserError, match=r"q\.json, line 54002: field 'prompt' must be a string"):
         read(path)
 
 
@@ -593,7 +593,7 @@ def test_json_items_are_named_by_their_line_in_a_list_held_by_an_object(tmp_path
     path = tmp_path / "d.json"
     path.write_text('{"version": 2, "notes": {"a": [1, 2]},\n "data": [\n  {"text": "one"},\n\n  {"text": 7}\n]}',
                     encoding="utf-8")
-    with pytest.raises(trainer.UserError, match=r"d\.json, line 5: field 'text' must be a string"):
+    with pytest.raises(common.UserError, match=r"d\.json, line 5: field 'text' must be a string"):
         read(path)
 
 
@@ -731,7 +731,7 @@ def test_a_hub_stream_failing_mid_way_names_the_row_and_its_nulls_are_treated_al
         raise ConnectionError("the connection was reset\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: rows())
-    with pytest.raises(trainer.UserError, match=r"^--source=someone/chats \(train\), row 3: cannot read it "
+    with pytest.raises(common.UserError, match=r"^--source=someone/chats \(train\), row 3: cannot read it "
                                                 r"\(ConnectionError: the connection was reset\)$"):
         read("someone/chats")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: itertools.islice(rows(), 2))

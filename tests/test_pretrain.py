@@ -10,6 +10,9 @@ import time
 import pytest
 import torch
 
+import common
+import engine
+import prepare
 import trainer
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
@@ -73,10 +76,10 @@ def test_tiny_pretraining_lowers_the_loss_and_writes_a_usable_checkpoint(data, t
     assert [e["step"] for e in evals] == [0, 20, 40]
     assert final["val_loss"] < evals[0]["val_loss"] - 1.0, evals  # from ~ln(384) = 5.95 clearly down
     assert any(line.startswith("sample: ") for line in lines)
-    ckpt = trainer.load_checkpoint(str(out / "ckpt.pt"), stages=("pretrain",))
+    ckpt = common.load_checkpoint(str(out / "ckpt.pt"), stages=("pretrain",))
     assert ckpt["metrics"] == final and ckpt["step"] == 40
-    model, tok = trainer.model_from_checkpoint(ckpt, "cpu")
-    trainer.check_tokenizer_matches(ckpt, data)
+    model, tok = engine.model_from_checkpoint(ckpt, "cpu")
+    prepare.check_tokenizer_matches(ckpt, data)
     assert model.config.vocab_size == tok.vocab_size == 384 and model.config.n_embd == 32
     assert os.path.exists(out / "best.pt") and os.path.exists(out / "loss.png")
 
@@ -116,7 +119,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint(data, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err, err
     assert "interrupted at step" in err
-    ckpt = trainer.load_checkpoint(str(out), stages=("pretrain",))  # with weights_only=True
+    ckpt = common.load_checkpoint(str(out), stages=("pretrain",))  # with weights_only=True
     assert ckpt["step"] >= 3 and "optimizer" in ckpt and ckpt["data_position"]["next_k"] == ckpt["step"]
     # (that resuming from such a checkpoint is exact is tested in test_trainer.py)
 
@@ -144,11 +147,11 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(dat
 
 
 def test_bad_input_is_a_clear_error(data, tmp_path, monkeypatch):
-    tok = trainer.load_tokenizer(data)
+    tok = prepare.load_tokenizer(data)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
     sft, pt = tmp_path / "sft.pt", tmp_path / "pt.pt"  # sft: a later stage's, not something to pretrain from
-    trainer.save_checkpoint(str(sft), {**trainer.model_entries(model, tok), "stage": "sft"})
-    trainer.save_checkpoint(str(pt), {**trainer.model_entries(model, tok), "stage": "pretrain"})
+    common.save_checkpoint(str(sft), {**trainer.model_entries(model, tok), "stage": "sft"})
+    common.save_checkpoint(str(pt), {**trainer.model_entries(model, tok), "stage": "pretrain"})
     # the same data with another tokenizer: its ids would mean different text to the checkpoint
     other = tmp_path / "other"
     shutil.copytree(data, other)
@@ -166,7 +169,7 @@ def test_bad_input_is_a_clear_error(data, tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["pretrain.py", f"--dataset={data}", f"--out_dir={tmp_path / 'b'}", *TINY,
                                           "--max_iters=1", *extra])
         importlib.reload(pretrain)
-        with pytest.raises(trainer.UserError, match=named):
+        with pytest.raises(common.UserError, match=named):
             pretrain.main()
     # and through the command line: one line on stderr, status 2, no traceback
     r = run_pretrain(data, tmp_path / "b", f"--init_from={sft}")
@@ -183,12 +186,12 @@ def test_presets_are_valid_settings_of_the_sizes_they_claim(preset, vocab, milli
     import pretrain
     importlib.reload(pretrain)
     g = pretrain.__dict__
-    trainer.configure(g, [os.path.join(ROOT, "config", preset)])  # unknown keys or wrong types would raise
+    common.configure(g, [os.path.join(ROOT, "config", preset)])  # unknown keys or wrong types would raise
     with torch.device("meta"):  # shapes only, no memory, no init time
         model = GPT(ModelConfig(vocab_size=vocab, block_size=g["block_size"], n_layer=g["n_layer"], n_head=g["n_head"],
                                 n_kv_head=g["n_kv_head"], n_embd=g["n_embd"], tie_embeddings=g["tie_embeddings"]))
     assert millions[0] <= model.num_params() / 1e6 <= millions[1]
-    trainer.check_train_config({k: g[k] for k in trainer.config_keys(g)})
+    trainer.check_train_config({k: g[k] for k in common.config_keys(g)})
     importlib.reload(pretrain)
 
 
@@ -209,7 +212,7 @@ def test_torchrun_with_the_default_grad_accum_runs_and_ends_cleanly_every_time(d
         assert "terminate called" not in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.count("each process takes one micro-batch per step") == 1, r.stderr
         # the run it did: 2 micro-batches per step, one per process, as one process with --grad_accum=2
-        assert trainer.load_checkpoint(str(out))["train_config"]["grad_accum"] == 2
+        assert common.load_checkpoint(str(out))["train_config"]["grad_accum"] == 2
         assert log(out)[1]["train_loss"] == pytest.approx(log(tmp_path / "one")[1]["train_loss"], rel=1e-6)
         assert r.stdout.strip().splitlines()[-1] == one.stdout.strip().splitlines()[-1]
     # a setting that cannot be honoured is the clear error, and nothing hangs

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import quantize as Q
-import trainer
+import common
+import engine
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
@@ -334,7 +335,7 @@ def sft_ckpt(tmp_path_factory):
     cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
     model = GPT(cfg)
     path = str(tmp / "sft" / "ckpt.pt")
-    trainer.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict(),
+    common.save_checkpoint(path, {"model_config": cfg.to_dict(), "model": model.state_dict(),
                                    "tokenizer": tok.to_json(), "stage": "sft",
                                    "train_config": {"dataset": str(data)}, "metrics": {"val_loss": 1.0}})
     return path, model
@@ -351,7 +352,7 @@ def test_cli_writes_quantized_checkpoint_that_loads_and_chats(sft_ckpt, mode, tm
     assert "val loss on" in r.stdout and "model weights:" in r.stdout
     assert abs(summary["val_loss_after"] - summary["val_loss_before"]) < 0.05
     assert summary["weights_bytes_after"] < summary["weights_bytes_before"]
-    ckpt = trainer.load_checkpoint(out, stages=trainer.POLICY_STAGES)  # weights_only load
+    ckpt = common.load_checkpoint(out, stages=common.POLICY_STAGES)  # weights_only load
     q = ckpt["quantization"]
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     assert q["mode"] == mode and ckpt["stage"] == "sft" and q["modules"] == [n for n in linears if n != "lm_head"]
@@ -363,7 +364,7 @@ def test_cli_writes_quantized_checkpoint_that_loads_and_chats(sft_ckpt, mode, tm
         assert ckpt["model"]["embed_tokens.weight"].dtype == torch.int8
         assert summary["weights_bytes_before"] / summary["weights_bytes_after"] > 3.3
     # rebuilt through the plumbing module, it computes what quantizing in memory computes
-    loaded, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    loaded, _ = engine.model_from_checkpoint(ckpt, "cpu")
     expected = copy.deepcopy(model)
     quantize_info = Q.quantize_model(expected, mode)
     assert quantize_info["modules"] == q["modules"]
@@ -380,9 +381,9 @@ def test_cli_tied_head_false_keeps_the_tied_embedding_and_head_in_full_precision
     r = run("quantize.py", f"--ckpt={path}", "--mode=int8", "--tied_head=False", f"--out={out}", "--eval_iters=0")
     assert r.returncode == 0, r.stderr
     assert "kept in full precision: embed_tokens, lm_head" in r.stdout
-    ckpt = trainer.load_checkpoint(out, stages=trainer.POLICY_STAGES)
+    ckpt = common.load_checkpoint(out, stages=common.POLICY_STAGES)
     assert ckpt["quantization"]["tied"] == {} and ckpt["model"]["embed_tokens.weight"].dtype == torch.float32
-    loaded, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    loaded, _ = engine.model_from_checkpoint(ckpt, "cpu")
     assert type(loaded.lm_head) is nn.Linear and loaded.lm_head.weight is loaded.embed_tokens.weight
 
 
@@ -402,11 +403,11 @@ def test_load_quantized_model_rejects_inconsistent_entries(sft_ckpt):
     info = Q.quantize_model(m, "nf4")
     good = dict(src, model=m.state_dict(), quantization=info)
     assert isinstance(Q.load_quantized_model(good, "cpu").layers[0].attn.o_proj, Q.Linear4bit)
-    with pytest.raises(trainer.UserError, match="quantization"):
+    with pytest.raises(common.UserError, match="quantization"):
         Q.load_quantized_model(dict(good, quantization={"mode": "nf3", "modules": []}), "cpu")
-    with pytest.raises(trainer.UserError, match="not a linear layer"):
+    with pytest.raises(common.UserError, match="not a linear layer"):
         Q.load_quantized_model(dict(good, quantization=dict(info, modules=["layers.0.attn_norm"])), "cpu")
-    with pytest.raises(trainer.UserError, match="do not fit"):  # float weights under an nf4 entry
+    with pytest.raises(common.UserError, match="do not fit"):  # float weights under an nf4 entry
         Q.load_quantized_model(dict(good, model=src["model"]), "cpu")
 
 
@@ -501,8 +502,8 @@ def test_int8_tied_checkpoint_save_load_gives_identical_logits_and_to_keeps_the_
            "metrics": {}}
     info = Q.quantize_model(model, "int8")
     path = str(tmp_path / "q.pt")
-    trainer.save_checkpoint(path, dict(src, model=model.state_dict(), quantization=info))
-    loaded, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(path, stages=trainer.POLICY_STAGES), "cpu")
+    common.save_checkpoint(path, dict(src, model=model.state_dict(), quantization=info))
+    loaded, _ = engine.model_from_checkpoint(common.load_checkpoint(path, stages=common.POLICY_STAGES), "cpu")
     assert isinstance(loaded.lm_head, Q.TiedLinear8bit) and loaded.lm_head.weight is loaded.embed_tokens.weight
     idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -543,7 +544,7 @@ def test_nf4_and_tied_head_false_keep_the_tied_embedding_and_head_in_full_precis
     lora.setup_finetune(model, "qlora", r=4, alpha=8.0)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.embed_tokens.weight
     assert isinstance(model.layers[0].attn.qkv_proj.base, Q.Linear4bit)
-    with pytest.raises(trainer.UserError, match="lm_head"):  # nf4 on a tied head cannot be asked for
+    with pytest.raises(common.UserError, match="lm_head"):  # nf4 on a tied head cannot be asked for
         Q.quantize_model(tied_gpt(), "nf4", skip=())
 
 
@@ -552,7 +553,7 @@ def test_lora_refuses_the_int8_tied_head():
     import lora
     model = tied_gpt()
     Q.quantize_model(model, "int8")
-    with pytest.raises(trainer.UserError, match="lm_head"):
+    with pytest.raises(common.UserError, match="lm_head"):
         lora.apply_lora(model, r=4, alpha=8.0, include_head=True)
 
 
@@ -578,10 +579,10 @@ def test_load_quantized_model_rejects_a_tied_entry_that_does_not_fit(sft_ckpt):
     info = Q.quantize_model(m, "int8")
     good = dict(src, model=m.state_dict(), quantization=info)
     assert isinstance(Q.load_quantized_model(good, "cpu").embed_tokens, Q.Embedding8bit)
-    with pytest.raises(trainer.UserError, match="not a head tied"):
+    with pytest.raises(common.UserError, match="not a head tied"):
         Q.load_quantized_model(dict(good, quantization=dict(info, tied={"layers.0.attn.o_proj": "embed_tokens"})),
                                "cpu")
-    with pytest.raises(trainer.UserError, match="do not fit"):  # a tied int8 entry over fp32 weights
+    with pytest.raises(common.UserError, match="do not fit"):  # a tied int8 entry over fp32 weights
         Q.load_quantized_model(dict(good, model=src["model"]), "cpu")
-    with pytest.raises(trainer.UserError, match="tied"):
+    with pytest.raises(common.UserError, match="tied"):
         Q.load_quantized_model(dict(good, quantization=dict(info, tied=["lm_head"])), "cpu")

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+import common
+import prepare
 import reward_model
 import rl
-import trainer
 from conftest import TINY_STAGE, ok, one_line_error, read_log, run_script
 from model import ScoreModel, ModelConfig
 
@@ -20,7 +21,7 @@ def tiny_score_model(vocab_size, seed=0):
 
 
 def test_scores_do_not_depend_on_right_padding_even_when_padding_is_the_end_of_turn_id(world_data):
-    tok = trainer.load_tokenizer(world_data)
+    tok = prepare.load_tokenizer(world_data)
     rm = tiny_score_model(tok.vocab_size)
     prompt = tok.render_prompt([{"role": "user", "content": "What is 3 + 4?"}])
     reply = tok.encode("3 + 4 = 7") + [tok.end_id]
@@ -63,7 +64,7 @@ def test_tiny_reward_model_ranks_a_separable_toy_set_far_above_chance(world_data
                             "--learning_rate=3e-3", "--lm_coef=0.1"))
     assert metrics["pair_accuracy"] > 0.95 and metrics["reward_margin"] > 0.5, metrics
     # the checkpoint: stage reward, the trunk in `model`, the head beside it; it loads as a scorer
-    ckpt = trainer.load_checkpoint(str(out), stages=("reward",))
+    ckpt = common.load_checkpoint(str(out), stages=("reward",))
     assert ckpt["metrics"]["pair_accuracy"] == metrics["pair_accuracy"] and "score_head" in ckpt
     rm, tok = rl.load_reward_model(str(out), "cpu")
     prompt = tok.render_prompt([{"role": "user", "content": "Is cat red?"}])
@@ -84,7 +85,7 @@ def test_pairwise_loss_by_hand():
 
 
 def test_policy_checkpoints_are_refused_as_reward_models(sft_ckpt, world_data, tmp_path):
-    with pytest.raises(trainer.UserError, match="is a policy, not a reward model"):
+    with pytest.raises(common.UserError, match="is a policy, not a reward model"):
         rl.load_reward_model(sft_ckpt, "cpu")
     r = run_script("reward_model.py", f"--dataset={world_data}", f"--init_from={tmp_path / 'none'}",
                    f"--out_dir={tmp_path / 'o'}", *TINY_STAGE)

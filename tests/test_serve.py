@@ -19,8 +19,9 @@ import openai
 import pytest
 import torch
 
+import common
+import engine
 import quantize
-import trainer
 from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
@@ -58,7 +59,7 @@ def ckpts(tmp_path_factory):
     paths, models = {}, {"sft": model, "pretrain": endless, "sft_endless": endless}
     for name, m in models.items():
         paths[name] = str(folder / name / "ckpt.pt")
-        trainer.save_checkpoint(paths[name], {"model_config": cfg.to_dict(), "model": m.state_dict(),
+        common.save_checkpoint(paths[name], {"model_config": cfg.to_dict(), "model": m.state_dict(),
                                               "tokenizer": tok.to_json(), "stage": name.split("_")[0],
                                               "train_config": {}, "metrics": {}})
     return paths, models, tok
@@ -405,7 +406,7 @@ def test_a_quantized_checkpoint_is_served(ckpts, tmp_path, mode):
     # guards against the server building the model its own way instead of the project's checkpoint loading
     paths, _, tok = ckpts
     ckpt = torch.load(paths["sft"], weights_only=True)
-    model, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    model, _ = engine.model_from_checkpoint(ckpt, "cpu")
     ckpt["quantization"] = quantize.quantize_model(model, mode)
     ckpt["model"] = model.state_dict()
     path = str(tmp_path / f"{mode}.pt")
@@ -416,7 +417,7 @@ def test_a_quantized_checkpoint_is_served(ckpts, tmp_path, mode):
         assert [m.id for m in c.models.list().data] == [mode]
         r = c.chat.completions.create(model=mode, messages=user("how many apples"), max_tokens=12, seed=9)
         ids = tok.render_prompt(user("how many apples"))
-        quantized, _ = trainer.model_from_checkpoint(torch.load(path, weights_only=True), "cpu")
+        quantized, _ = engine.model_from_checkpoint(torch.load(path, weights_only=True), "cpu")
         assert r.choices[0].message.content == reference(quantized, tok, ids, 12, 0.7, 0.9, 9)[0]
     finally:
         server.stop()

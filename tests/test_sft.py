@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import common
+import engine
 import lora
 import prepare
 import trainer
@@ -24,7 +26,7 @@ def test_sft_mask_excludes_prompt_tokens_padding_and_is_not_shifted(world_data):
     """The batch's loss must be exactly the mean of -log p(token | everything before it) over the assistant's tokens
     and their end-of-turn: counting a prompt token, a padding token, or the target one position off (the bug of
     scoring mask[t] instead of mask[t+1]) each gives another number."""
-    tok = trainer.load_tokenizer(world_data)
+    tok = prepare.load_tokenizer(world_data)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_kv_head=1,
                             n_embd=32)).eval()
@@ -63,7 +65,7 @@ def test_sft_mask_excludes_prompt_tokens_padding_and_is_not_shifted(world_data):
 
 
 def test_the_counted_targets_are_exactly_the_answers_and_their_end_of_turn(world_data):
-    tok = trainer.load_tokenizer(world_data)
+    tok = prepare.load_tokenizer(world_data)
     conv = [{"role": "user", "content": "Where does Anna Wang live?"},
             {"role": "assistant", "content": "Anna Wang lives in Shanghai."}]
     ids, mask = tok.render_chat(conv)
@@ -99,16 +101,16 @@ def test_tiny_sft_lowers_the_loss_and_writes_a_checkpoint_generate_loads(world_d
     for key in ("exact_match", "exact_match_by_task", "exact_match_by_lang"):
         assert key in metrics
     assert set(metrics["exact_match_by_lang"]) == {"en", "zh"}
-    ckpt = trainer.load_checkpoint(str(out), stages=("sft",))
+    ckpt = common.load_checkpoint(str(out), stages=("sft",))
     assert ckpt["metrics"] == metrics and ckpt["train_config"]["finetune"] == mode
     # a plain GPT state dict (adapters merged, NF4 dequantized): the next stage loads it without lora.py
-    model, tok = trainer.model_from_checkpoint(ckpt, "cpu")
+    model, tok = engine.model_from_checkpoint(ckpt, "cpu")
     assert all("lora" not in k and "packed" not in k for k in ckpt["model"])
     if mode != "full":
         # the adapter alone, applied to the base, gives the merged model
         adapter = torch.load(out / "adapter.pt", weights_only=True)
         assert os.path.getsize(out / "adapter.pt") < os.path.getsize(out / "ckpt.pt") / 2
-        base, _ = trainer.model_from_checkpoint(trainer.load_checkpoint(pretrained), "cpu")
+        base, _ = engine.model_from_checkpoint(common.load_checkpoint(pretrained), "cpu")
         if mode == "qlora":
             import quantize
             quantize.quantize_model(base, "nf4")
@@ -224,6 +226,6 @@ def test_sft_resume_continues_at_the_next_item_or_refuses_a_changed_batch(world_
     got = ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
                                             "--log_interval=2")))
     assert got == want  # the final JSON line
-    a, b = (trainer.load_checkpoint(str(d), stages=("sft",)) for d in (full, cut))
+    a, b = (common.load_checkpoint(str(d), stages=("sft",)) for d in (full, cut))
     assert a["metrics"] == b["metrics"] and a["data_position"] == b["data_position"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import common
+import engine
+import prepare
 import trainer
 import evaluation
 from model import GPT, ModelConfig
@@ -25,19 +28,19 @@ def fake_stage(**extra):
 
 def test_configure_applies_typed_overrides_in_place():
     g = fake_stage()
-    cfg = trainer.configure(g, ["--max_iters=7", "--learning_rate=1", "--resume=True", "--dataset=data/mine",
+    cfg = common.configure(g, ["--max_iters=7", "--learning_rate=1", "--resume=True", "--dataset=data/mine",
                                 "--betas=(0.8, 0.9)"])
     assert cfg == {"dataset": "data/mine", "max_iters": 7, "learning_rate": 1.0, "resume": True,
                    "betas": (0.8, 0.9)}
     assert g["max_iters"] == 7 and type(g["learning_rate"]) is float  # the int 1 became the float 1.0
     # bool spellings, a bare --flag, quoted and unquoted strings, numbers-looking strings stay strings
     for arg, want in [("--resume=False", False), ("--resume=true", True), ("--resume", True)]:
-        assert trainer.configure(fake_stage(), [arg])["resume"] is want
-    assert trainer.configure(fake_stage(), ["--dataset='q'"])["dataset"] == "q"
-    assert trainer.configure(fake_stage(), ["--dataset=123"])["dataset"] == "123"
-    assert trainer.configure(fake_stage(), ["--learning_rate=3e-4"])["learning_rate"] == 3e-4
+        assert common.configure(fake_stage(), [arg])["resume"] is want
+    assert common.configure(fake_stage(), ["--dataset='q'"])["dataset"] == "q"
+    assert common.configure(fake_stage(), ["--dataset=123"])["dataset"] == "123"
+    assert common.configure(fake_stage(), ["--learning_rate=3e-4"])["learning_rate"] == 3e-4
     # ALL_CAPS, _private and modules are not settings
-    assert set(trainer.configure(fake_stage(), [])) == {"dataset", "max_iters", "learning_rate", "resume", "betas"}
+    assert set(common.configure(fake_stage(), [])) == {"dataset", "max_iters", "learning_rate", "resume", "betas"}
 
 
 @pytest.mark.parametrize("arg,named", [
@@ -51,34 +54,34 @@ def test_configure_applies_typed_overrides_in_place():
     ("config/does_not_exist.py", "does_not_exist"),
 ])
 def test_configure_errors_name_the_key(arg, named):
-    with pytest.raises(trainer.UserError, match=named):
-        trainer.configure(fake_stage(), [arg])
+    with pytest.raises(common.UserError, match=named):
+        common.configure(fake_stage(), [arg])
 
 
 def test_preset_files_apply_in_order_and_are_checked(tmp_path):
     preset = tmp_path / "p.py"
     preset.write_text("max_iters = 50\nlearning_rate = 2 * 1e-3  # expressions are fine\n")
-    cfg = trainer.configure(fake_stage(), [str(preset), "--max_iters=9"])
+    cfg = common.configure(fake_stage(), [str(preset), "--max_iters=9"])
     assert cfg["max_iters"] == 9 and cfg["learning_rate"] == 2e-3   # a later --key wins
-    cfg = trainer.configure(fake_stage(), ["--max_iters=9", str(preset)])
+    cfg = common.configure(fake_stage(), ["--max_iters=9", str(preset)])
     assert cfg["max_iters"] == 50                                     # a later preset wins
     bad = tmp_path / "bad.py"
     bad.write_text("max_iters = 50\nwarmup = 3\n")
-    with pytest.raises(trainer.UserError, match=r"bad\.py.*warmup"):
-        trainer.configure(fake_stage(), [str(bad)])
+    with pytest.raises(common.UserError, match=r"bad\.py.*warmup"):
+        common.configure(fake_stage(), [str(bad)])
     broken = tmp_path / "broken.py"
     broken.write_text("max_iters = 50\nlearning_rate = = 3\n")
-    with pytest.raises(trainer.UserError, match=r"broken\.py, line 2"):
-        trainer.configure(fake_stage(), [str(broken)])
+    with pytest.raises(common.UserError, match=r"broken\.py, line 2"):
+        common.configure(fake_stage(), [str(broken)])
     wrong_type = tmp_path / "wrong.py"
     wrong_type.write_text("dataset = 3\n")
-    with pytest.raises(trainer.UserError, match=r"wrong\.py.*dataset"):
-        trainer.configure(fake_stage(), [str(wrong_type)])
+    with pytest.raises(common.UserError, match=r"wrong\.py.*dataset"):
+        common.configure(fake_stage(), [str(wrong_type)])
 
 
 def test_help_lists_the_settings_and_exits(capsys):
     with pytest.raises(SystemExit) as e:
-        trainer.configure(fake_stage(), ["--max_iters=3", "--help"])
+        common.configure(fake_stage(), ["--max_iters=3", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("a stage") and "--max_iters=3" in out and "--betas=(0.9, 0.95)" in out
@@ -86,9 +89,9 @@ def test_help_lists_the_settings_and_exits(capsys):
 
 def test_cli_prints_one_line_error_and_exits_2(capsys):
     def main():
-        raise trainer.UserError("--foo: bad\nsecond line")
+        raise common.UserError("--foo: bad\nsecond line")
     with pytest.raises(SystemExit) as e:
-        trainer.cli(main)
+        common.cli(main)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "error: --foo: bad second line\n"
@@ -147,7 +150,7 @@ def test_weight_decay_groups_cover_trainable_params_once():
     assert len(in_opt) == len(set(in_opt)), "the tied embedding/head must appear once"
     assert id(frozen) not in in_opt
     assert set(in_opt) == {id(p) for p in model.parameters() if p.requires_grad}
-    with pytest.raises(trainer.UserError, match="no trainable"):
+    with pytest.raises(common.UserError, match="no trainable"):
         trainer.make_optimizer(torch.nn.Linear(2, 2).requires_grad_(False), 1e-3, 0.1, (0.9, 0.95), "cpu")
 
 
@@ -184,7 +187,7 @@ def lm_loss(model, batch, totals):
 
 def run_loop(cfg, model=None, resume_from=None, batches=get_batch, loss_fn=lm_loss, seed=0, dropout=0.1,
              count=count_tokens):
-    rt = trainer.setup("cpu", seed=seed, compile=False)
+    rt = common.setup("cpu", seed=seed, compile=False)
     model = model or tiny_gpt(dropout=dropout, seed=seed)
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
@@ -244,7 +247,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_loop(loop_cfg(cut_dir), batches=Interrupt(k_stop=5))  # during step 3 (k = 4, 5)
     assert e.value.code == 130
-    ckpt = trainer.load_checkpoint(str(cut_dir / "ckpt.pt"), stages=("pretrain",))
+    ckpt = common.load_checkpoint(str(cut_dir / "ckpt.pt"), stages=("pretrain",))
     assert ckpt["step"] == 3, "the step in progress is finished, then saved"
     assert ckpt["data_position"]["next_k"] == 6
     cfg = loop_cfg(cut_dir, resume=True)
@@ -277,7 +280,7 @@ def test_resume_after_a_crash_restarts_from_the_last_eval_checkpoint(tmp_path):
 
 
 def test_resume_needs_an_existing_checkpoint(tmp_path):
-    with pytest.raises(trainer.UserError, match="resume"):
+    with pytest.raises(common.UserError, match="resume"):
         trainer.resume_checkpoint(loop_cfg(tmp_path, resume=True), "pretrain")
     assert trainer.resume_checkpoint(loop_cfg(tmp_path, resume=False), "pretrain") is None
 
@@ -289,10 +292,10 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp
         return (loss * float("nan") if nan_at_step_6.calls > 5 * 2 + 2 else loss), extra  # 2 micro-batches a step
     nan_at_step_6.calls = 0
     cfg = loop_cfg(tmp_path, eval_iters=1)  # eval at 0 and 4 use 1 val batch each: 2 calls
-    with pytest.raises(trainer.UserError, match=r"loss is nan at step 6.*diverged.*ckpt\.pt") as e:
+    with pytest.raises(common.UserError, match=r"loss is nan at step 6.*diverged.*ckpt\.pt") as e:
         run_loop(cfg, loss_fn=nan_at_step_6)
     assert "\n" not in str(e.value)
-    ckpt = trainer.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -367,11 +370,11 @@ def test_grad_accumulation_weights_micro_batches_by_their_counted_tokens(tmp_pat
 
 
 def test_config_errors_are_user_errors(tmp_path):
-    with pytest.raises(trainer.UserError, match="grad_accum.*multiple of the number of processes"):
+    with pytest.raises(common.UserError, match="grad_accum.*multiple of the number of processes"):
         trainer.check_train_config(loop_cfg(tmp_path, grad_accum=3), world_size=2)
     # fewer micro-batches than processes is not an error: each process then takes one per step
     trainer.check_train_config(loop_cfg(tmp_path, grad_accum=1), world_size=2)
-    with pytest.raises(trainer.UserError, match="min_lr"):
+    with pytest.raises(common.UserError, match="min_lr"):
         trainer.check_train_config(loop_cfg(tmp_path, min_lr=1.0))
 
 
@@ -379,7 +382,7 @@ def test_config_errors_are_user_errors(tmp_path):
 
 def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    trainer.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
+    common.save_checkpoint(path, {"step": 1, "w": torch.ones(1000)})
     real_save = torch.save
 
     def half_save(obj, f, *a, **kw):  # writes part of the file, then the process "dies"
@@ -388,7 +391,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", half_save)
     with pytest.raises(OSError, match="disk full"):
-        trainer.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+        common.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
     monkeypatch.setattr(torch, "save", real_save)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(1000))
@@ -409,7 +412,7 @@ def test_crash_while_the_loop_saves_keeps_the_previous_checkpoint(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run_loop(loop_cfg(tmp_path))
     monkeypatch.setattr(torch, "save", real_save)
-    ckpt = trainer.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert calls[-1] == 4 and ckpt["step"] == 0
 
 
@@ -419,9 +422,9 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     np.random.seed(1)
     random.seed(1)
     np.random.randn()  # leaves a cached gaussian in numpy's state
-    trainer.save_checkpoint(str(tmp_path / "r.pt"), {"rng": trainer.rng_state()})
+    common.save_checkpoint(str(tmp_path / "r.pt"), {"rng": common.rng_state()})
     want = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))
-    trainer.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    common.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2:] == got[2:]
 
@@ -434,7 +437,7 @@ def tok():
 def write_ckpt(path, tok, stage, **extra):
     model = tiny_gpt(vocab=tok.vocab_size)
     obj = {**trainer.model_entries(model, tok), "stage": stage, "train_config": {}, "metrics": {}, **extra}
-    trainer.save_checkpoint(str(path), obj)
+    common.save_checkpoint(str(path), obj)
     return model
 
 
@@ -449,7 +452,7 @@ def write_ckpt(path, tok, stage, **extra):
 ])
 def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path, tok, kind, message):
     path = tmp_path / f"{kind}.pt"
-    stages = trainer.POLICY_STAGES
+    stages = common.POLICY_STAGES
     if kind == "garbage":
         path.write_bytes(b"\x00not a zip" * 50)
     elif kind == "pickled":
@@ -464,16 +467,16 @@ def test_load_checkpoint_errors_are_one_line_and_name_the_file(tmp_path, tok, ki
     elif kind == "wrong_stage":
         write_ckpt(path, tok, "pretrain")
         stages = ("sft", "dpo")
-    with pytest.raises(trainer.UserError) as e:
-        trainer.load_checkpoint(str(path), stages=stages)
+    with pytest.raises(common.UserError) as e:
+        common.load_checkpoint(str(path), stages=stages)
     msg = str(e.value)
     assert message in msg and str(path) in msg and "\n" not in msg, msg
 
 
 def test_model_from_checkpoint_rebuilds_model_and_tokenizer(tmp_path, tok):
     model = write_ckpt(tmp_path / "ckpt.pt", tok, "sft")
-    ckpt = trainer.load_checkpoint(str(tmp_path), stages=("sft",))  # a folder means its ckpt.pt
-    loaded, tok2 = trainer.model_from_checkpoint(ckpt, "cpu")
+    ckpt = common.load_checkpoint(str(tmp_path), stages=("sft",))  # a folder means its ckpt.pt
+    loaded, tok2 = engine.model_from_checkpoint(ckpt, "cpu")
     assert tok2.to_json() == tok.to_json() and not loaded.training
     idx = torch.tensor([tok.encode("the cat")])
     torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0], rtol=0, atol=0)
@@ -485,7 +488,7 @@ def test_model_from_checkpoint_builds_quantized_models_through_quantize(tmp_path
     entries = trainer.model_entries(model, tok)
     q = quantize.quantize_model(model, mode="int8")
     ckpt = {**entries, "model": model.state_dict(), "quantization": q, "stage": "sft"}
-    loaded, _ = trainer.model_from_checkpoint(ckpt, "cpu")
+    loaded, _ = engine.model_from_checkpoint(ckpt, "cpu")
     assert any(isinstance(m, quantize.Linear8bit) for m in loaded.modules())
     idx = torch.tensor([tok.encode("the mat")])
     torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
@@ -496,12 +499,12 @@ def test_check_tokenizer_matches(tmp_path, tok):
     data.mkdir(parents=True)
     tok.save(str(data / "tokenizer.json"))
     ckpt = {"tokenizer": tok.to_json()}
-    trainer.check_tokenizer_matches(ckpt, str(data))
+    prepare.check_tokenizer_matches(ckpt, str(data))
     other = Tokenizer.train(["completely different text 99"] * 20, vocab_size=280)
-    with pytest.raises(trainer.UserError, match="tokenizer differs"):
-        trainer.check_tokenizer_matches({"tokenizer": other.to_json()}, str(data))
-    with pytest.raises(trainer.UserError, match="prepare"):
-        trainer.check_tokenizer_matches(ckpt, str(tmp_path / "nothing"))
+    with pytest.raises(common.UserError, match="tokenizer differs"):
+        prepare.check_tokenizer_matches({"tokenizer": other.to_json()}, str(data))
+    with pytest.raises(common.UserError, match="prepare"):
+        prepare.check_tokenizer_matches(ckpt, str(tmp_path / "nothing"))
 
 
 def test_model_entries_merges_lora(tok):
@@ -646,7 +649,7 @@ def test_sampled_evaluation_is_reproducible_runs_at_the_final_step_only_and_writ
     write_prompts(tmp_path / "d", tok)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
-    rt = trainer.setup("cpu", "auto", 0, False)
+    rt = common.setup("cpu", "auto", 0, False)
     out = tmp_path / "out"
     ev = evaluation.ExactMatchEval(str(tmp_path / "d"), tok, rt, 640, 12, eval_samples=3, final_step=10,
                                 out_dir=str(out), seed=5)

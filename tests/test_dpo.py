@@ -189,10 +189,10 @@ def test_dropout_is_off_in_dpo_so_the_first_step_starts_from_the_reference(world
 def test_dpo_gradient_accumulation_is_exact_for_its_per_pair_losses(world_data, sft_ckpt, tmp_path):
     # DPO's loss and its RPO term are means over pairs (the RPO term of each chosen reply's per-token NLL): weighting
     # each micro-batch by its pairs makes 4 x 2 the update of 8 x 1 whatever the replies' lengths
-    common = ["--max_iters=1", "--eval_interval=1", "--eval_prompts=0", "--warmup_iters=0", "--grad_clip=0",
+    shared = ["--max_iters=1", "--eval_interval=1", "--eval_prompts=0", "--warmup_iters=0", "--grad_clip=0",
               "--rpo_alpha=1.0", "--eval_iters=1"]
-    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, tmp_path / "a", *common, "--batch_size=8")))
-    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, tmp_path / "b", *common, "--batch_size=4",
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, tmp_path / "a", *shared, "--batch_size=8")))
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, tmp_path / "b", *shared, "--batch_size=4",
                                       "--grad_accum=2")))
     a, b = read_log(tmp_path / "a")[1], read_log(tmp_path / "b")[1]
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
@@ -201,12 +201,12 @@ def test_dpo_gradient_accumulation_is_exact_for_its_per_pair_losses(world_data, 
 
 def test_dpo_resume_refuses_a_setting_that_changes_the_run(world_data, sft_ckpt, tmp_path):
     out = tmp_path / "run"
-    common = ["--eval_prompts=0", "--eval_interval=1"]
-    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=1", *common)))
+    shared = ["--eval_prompts=0", "--eval_interval=1"]
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=1", *shared)))
     for bad, was, now in (("--beta=0.5", "--beta=0.1", "--beta=0.5"), ("--grad_accum=2", "--grad_accum=1",
                                                                          "--grad_accum=2"),
                           ("--finetune=lora", "--finetune=full", "--finetune=lora")):
         r = run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=2", "--resume=True", bad,
-                                           *common))
+                                           *shared))
         one_line_error(r, was, now)
-    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=2", "--resume=True", *common)))
+    ok(run_script("dpo.py", *dpo_args(world_data, sft_ckpt, out, "--max_iters=2", "--resume=True", *shared)))

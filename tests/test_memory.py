@@ -172,14 +172,14 @@ def test_grad_checkpoint_is_not_part_of_the_model_config_and_may_change_on_resum
 
 def test_sft_with_grad_checkpoint_trains_as_without_and_resumes_with_it_switched_off(world_data, pretrained,
                                                                                      tmp_path):
-    common = [f"--dataset={world_data}", f"--init_from={pretrained}", *TINY_STAGE, "--batch_size=8",
+    shared = [f"--dataset={world_data}", f"--init_from={pretrained}", *TINY_STAGE, "--batch_size=8",
               "--eval_prompts=0", "--eval_samples=0", "--n_samples=0", "--eval_interval=2", "--lr_decay_iters=4",
               "--finetune=lora", "--lora_dropout=0.1"]
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    ok(run_script("sft.py", *common, f"--out_dir={plain}", "--max_iters=4"))
-    ok(run_script("sft.py", *common, f"--out_dir={ckpt}", "--max_iters=2", "--grad_checkpoint=True"))
+    ok(run_script("sft.py", *shared, f"--out_dir={plain}", "--max_iters=4"))
+    ok(run_script("sft.py", *shared, f"--out_dir={ckpt}", "--max_iters=2", "--grad_checkpoint=True"))
     assert common.load_checkpoint(str(ckpt), stages=("sft",))["train_config"]["grad_checkpoint"] is True
-    ok(run_script("sft.py", *common, f"--out_dir={ckpt}", "--max_iters=4", "--resume=True",
+    ok(run_script("sft.py", *shared, f"--out_dir={ckpt}", "--max_iters=4", "--resume=True",
                   "--grad_checkpoint=False"))
     losses = {out: [r["train_loss"] for r in read_log(out) if "train_loss" in r] for out in (plain, ckpt)}
     assert len(losses[plain]) == 4
@@ -190,11 +190,11 @@ def test_sft_with_grad_checkpoint_trains_as_without_and_resumes_with_it_switched
 
 
 def test_dpo_with_grad_checkpoint_gives_the_plain_first_step(world_data, sft_ckpt, tmp_path):
-    common = [f"--dataset={world_data}", f"--init_from={sft_ckpt}", *TINY_STAGE, "--batch_size=8",
+    shared = [f"--dataset={world_data}", f"--init_from={sft_ckpt}", *TINY_STAGE, "--batch_size=8",
               "--eval_prompts=0", "--eval_samples=0", "--n_samples=0", "--max_iters=2", "--eval_interval=2",
               "--eval_iters=1"]
-    ok(run_script("dpo.py", *common, f"--out_dir={tmp_path / 'plain'}"))
-    ok(run_script("dpo.py", *common, f"--out_dir={tmp_path / 'ckpt'}", "--grad_checkpoint=True"))
+    ok(run_script("dpo.py", *shared, f"--out_dir={tmp_path / 'plain'}"))
+    ok(run_script("dpo.py", *shared, f"--out_dir={tmp_path / 'ckpt'}", "--grad_checkpoint=True"))
     a, b = ([r for r in read_log(tmp_path / d) if "train_loss" in r] for d in ("plain", "ckpt"))
     assert len(a) == 2
     for ra, rb in zip(a, b):

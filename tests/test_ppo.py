@@ -102,13 +102,13 @@ def test_sampling_settings_no_rollout_can_use_are_one_line_errors(arg, fragment)
 def test_a_resumed_run_matches_an_uninterrupted_one(world_data, sft_ckpt, reward_ckpt, tmp_path):
     # PPO once had a loop of its own that drifted from the shared one (its resume never restored the grad scaler);
     # it now runs through trainer.train, which must also restore the critic, its optimizer and the adapted kl_coef
-    common = ["--algo=ppo", "--batch_size=4", "--minibatch_size=2", "--eval_interval=2", "--eval_prompts=0",
+    shared = ["--algo=ppo", "--batch_size=4", "--minibatch_size=2", "--eval_interval=2", "--eval_prompts=0",
               "--lr_decay_iters=4", "--adaptive_kl=True", "--target_kl=0.01", "--kl_horizon=10"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, full, "--max_iters=4", *common)))
-    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=2", *common)))
+    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, full, "--max_iters=4", *shared)))
+    ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=2", *shared)))
     ok(run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=4", "--resume=True",
-                                      *common)))
+                                      *shared)))
     steps = {name: [r for r in read_log(d) if "reward_mean" in r and "policy_loss" in r] for name, d in
              (("full", full), ("cut", cut))}
     assert [r["step"] for r in steps["cut"]] == [1, 2, 3, 4]
@@ -126,10 +126,10 @@ def test_a_resumed_run_matches_an_uninterrupted_one(world_data, sft_ckpt, reward
     assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-5, abs=1e-7)
     # and a setting that changes the run is refused, naming it
     r = run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=6", "--resume=True",
-                                       *common, "--batch_size=8"))
+                                       *shared, "--batch_size=8"))
     one_line_error(r, "--batch_size=4", "--batch_size=8")
     r = run_script("ppo.py", *ppo_args(world_data, sft_ckpt, reward_ckpt, cut, "--max_iters=6", "--resume=True",
-                                       *common, "--clip_range=0.1"))
+                                       *shared, "--clip_range=0.1"))
     one_line_error(r, "--clip_range=0.2", "--clip_range=0.1")
 
 

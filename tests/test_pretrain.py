@@ -94,11 +94,11 @@ def test_tiny_pretraining_lowers_the_loss_and_writes_a_usable_checkpoint(data, t
 
 def test_resumed_run_gives_exactly_the_losses_of_an_uninterrupted_one(data, tmp_path, monkeypatch, capsys):
     # the schedule is pinned with lr_decay_iters, so stopping at max_iters=4 and resuming with 8 changes nothing
-    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", "--grad_accum=2"]
+    shared = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", "--grad_accum=2"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    a = main_in_process(monkeypatch, capsys, data, full, "--max_iters=8", *common)
-    main_in_process(monkeypatch, capsys, data, cut, "--max_iters=4", *common)
-    b = main_in_process(monkeypatch, capsys, data, cut, "--max_iters=8", "--resume=True", *common)
+    a = main_in_process(monkeypatch, capsys, data, full, "--max_iters=8", *shared)
+    main_in_process(monkeypatch, capsys, data, cut, "--max_iters=4", *shared)
+    b = main_in_process(monkeypatch, capsys, data, cut, "--max_iters=8", "--resume=True", *shared)
     assert len(train_losses(full)) == 8 and train_losses(cut) == train_losses(full)  # bit for bit
     assert a.splitlines()[-1] == b.splitlines()[-1]
     wa = torch.load(full / "ckpt.pt", weights_only=True)["model"]

@@ -95,10 +95,10 @@ def test_policy_checkpoints_are_refused_as_reward_models(sft_ckpt, world_data, t
 def test_reward_model_accumulation_weights_pairs_and_lm_tokens_exactly(world_data, sft_ckpt, tmp_path):
     # the pairwise and centring terms are means over pairs, the LM term a mean over chosen-reply tokens: 4 x 2
     # must be the update of 8 x 1 of the same pairs (the LM term averaged per micro-batch would differ)
-    common = [f"--dataset={world_data}", f"--init_from={sft_ckpt}", *TINY_STAGE, "--max_iters=1", "--eval_iters=1",
+    shared = [f"--dataset={world_data}", f"--init_from={sft_ckpt}", *TINY_STAGE, "--max_iters=1", "--eval_iters=1",
               "--eval_interval=1", "--warmup_iters=0", "--grad_clip=0", "--lm_coef=0.5", "--center_coef=0.1"]
-    ok(run_script("reward_model.py", *common, f"--out_dir={tmp_path / 'a'}", "--batch_size=8"))
-    ok(run_script("reward_model.py", *common, f"--out_dir={tmp_path / 'b'}", "--batch_size=4", "--grad_accum=2"))
+    ok(run_script("reward_model.py", *shared, f"--out_dir={tmp_path / 'a'}", "--batch_size=8"))
+    ok(run_script("reward_model.py", *shared, f"--out_dir={tmp_path / 'b'}", "--batch_size=4", "--grad_accum=2"))
     a, b = (read_log(tmp_path / d)[1] for d in ("a", "b"))
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)

@@ -124,12 +124,12 @@ def test_tiny_sft_lowers_the_loss_and_writes_a_checkpoint_generate_loads(world_d
 
 
 def test_lora_sft_resumes_exactly(world_data, pretrained, tmp_path):
-    common = ["--finetune=lora", "--lora_dropout=0.1", "--eval_interval=4", "--lr_decay_iters=8",
+    shared = ["--finetune=lora", "--lora_dropout=0.1", "--eval_interval=4", "--lr_decay_iters=8",
               "--eval_prompts=0"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    ok(run_script("sft.py", *sft_args(world_data, pretrained, full, "--max_iters=8", *common)))
-    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", *common)))
-    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=8", "--resume=True", *common)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, full, "--max_iters=8", *shared)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", *shared)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=8", "--resume=True", *shared)))
     losses = lambda out: {r["step"]: r["train_loss"] for r in read_log(out) if "train_loss" in r}  # noqa: E731
     assert len(losses(full)) == 8 and losses(cut) == losses(full)
     a = torch.load(full / "ckpt.pt", weights_only=True)
@@ -178,7 +178,7 @@ def test_sft_gradient_accumulation_and_torchrun_weight_every_answer_token_alike(
     # the loss, a mean over answer tokens, was averaged per micro-batch and then over micro-batches and processes:
     # a micro-batch with few answer tokens weighed as much as one with many, so 4 x 2 and 2 processes x 4 trained
     # another loss than 8 x 1 of the same conversations (5.4569 against 5.3674 in one example)
-    common = ["--max_iters=1", "--warmup_iters=0", "--grad_clip=0", "--seed=1", "--eval_prompts=0",
+    shared = ["--max_iters=1", "--warmup_iters=0", "--grad_clip=0", "--seed=1", "--eval_prompts=0",
               "--eval_interval=1", "--eval_iters=1"]
     runs = {"8x1": ([], ["--batch_size=8"]), "4x2": ([], ["--batch_size=4", "--grad_accum=2"]),
             "2 processes x 4": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
@@ -186,7 +186,7 @@ def test_sft_gradient_accumulation_and_torchrun_weight_every_answer_token_alike(
     logs = {}
     for name, (launcher, extra) in runs.items():
         out = tmp_path / name.replace(" ", "_")
-        args = sft_args(world_data, pretrained, out, *common, *extra)
+        args = sft_args(world_data, pretrained, out, *shared, *extra)
         cmd = (launcher or [sys.executable]) + ["sft.py", *args]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
         ok(r)
@@ -212,18 +212,18 @@ def test_sft_gradient_accumulation_and_torchrun_weight_every_answer_token_alike(
 
 def test_sft_resume_continues_at_the_next_item_or_refuses_a_changed_batch(world_data, pretrained, tmp_path):
     # 2 steps at batch 4, then --resume=True --batch_size=8 skipped items 8-15 of the epoch without a word
-    common = ["--eval_interval=2", "--lr_decay_iters=4", "--eval_prompts=4", "--batch_size=4"]
+    shared = ["--eval_interval=2", "--lr_decay_iters=4", "--eval_prompts=4", "--batch_size=4"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    want = ok(run_script("sft.py", *sft_args(world_data, pretrained, full, "--max_iters=4", *common)))
-    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=2", *common)))
-    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
+    want = ok(run_script("sft.py", *sft_args(world_data, pretrained, full, "--max_iters=4", *shared)))
+    ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=2", *shared)))
+    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *shared,
                                        "--batch_size=8"))
     one_line_error(r, "--batch_size=4", "--batch_size=8")
-    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
+    r = run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *shared,
                                        "--seed=7"))
     one_line_error(r, "--seed=1337", "--seed=7")
     # what may change (how long, how often to evaluate and log, the device) does not stop it
-    got = ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *common,
+    got = ok(run_script("sft.py", *sft_args(world_data, pretrained, cut, "--max_iters=4", "--resume=True", *shared,
                                             "--log_interval=2")))
     assert got == want  # the final JSON line
     a, b = (common.load_checkpoint(str(d), stages=("sft",)) for d in (full, cut))

@@ -476,6 +476,13 @@ def pooled_report(runs):
     def seeds(stage, key):
         return " / ".join(pct(st[stage]["metrics"].get(key)) for st in states)
 
+    verdicts = {}  # (run, stage) -> read_verdicts: each file read once
+
+    def verdicts_of(run, stage):
+        if (run, stage) not in verdicts:
+            verdicts[run, stage] = read_verdicts(os.path.join(run, stage))
+        return verdicts[run, stage]
+
     gap = None
     if "sft_clean" in names:
         gap = mean("sft_clean", "exact_match_sampled") - mean("sft", "exact_match_sampled")
@@ -497,8 +504,7 @@ def pooled_report(runs):
             for run, st in zip(runs, states):
                 k = ((st[stage]["metrics"].get("eval_samples", 1), st["sft"]["metrics"].get("eval_samples", 1))
                      if verdict == "sampled_right" else (1, 1))
-                counts = paired_counts(read_verdicts(os.path.join(run, stage)), read_verdicts(os.path.join(run, "sft")),
-                                       verdict, *k)
+                counts = paired_counts(verdicts_of(run, stage), verdicts_of(run, "sft"), verdict, *k)
                 if counts is None:
                     wins = None
                     break

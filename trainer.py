@@ -186,9 +186,7 @@ def model_entries(model, tokenizer):
     """The checkpoint entries of a policy: `model_config`, `model` (LoRA adapters merged and any quantized base
     dequantized, so the next stage gets a plain full-precision GPT) and `tokenizer`. A model with LoRA adapters
     also gets `lora_config` and `adapter` (the adapters alone): what --resume=True puts back on the base."""
-    has_special = any(type(m).__name__ in ("LoRALinear", "Linear4bit", "Linear8bit", "Embedding8bit")
-                      for m in model.modules())
-    sd = lora.merged_state_dict(model) if has_special else model.state_dict()
+    sd = lora.merged_state_dict(model)  # a plain model's own state dict, tensor for tensor
     entries = {"model_config": model.config.to_dict(), "model": sd, "tokenizer": tokenizer.to_json()}
     if lora.lora_layers(model):
         entries.update(lora_config=lora.lora_config(model), adapter=lora.lora_state_dict(model))

@@ -148,7 +148,7 @@ def main():
     model.to(rt.device)
 
     # the reference: the policy's own frozen base (LoRA), or a frozen copy of the starting checkpoint
-    reference_logits = trainer.frozen_reference(model, init, finetune, rt.device, nf4=ref_nf4)
+    reference = trainer.frozen_reference(model, init, finetune, rt.device, nf4=ref_nf4)
     del init  # the starting checkpoint's state dict: a LoRA/QLoRA run must not keep an fp32 copy alive
 
     data = {}
@@ -181,14 +181,14 @@ def main():
     def loss_fn(model_, batch, totals):
         x, y, loss_mask = batch
         B = x.shape[0] // 2
-        mask = loss_mask.float()
-        logits, aux_loss = model_(x)  # aux_loss: MoE balancing (0 for a dense model or in eval mode)
-        logps = (trainer.token_logps(logits, y) * mask).sum(-1)                      # (2B,) summed over the reply
-        n = mask.sum(-1).clamp(min=1)
+        # the replies' token log-probs (the head runs on reply positions only); aux_loss: MoE balancing (0 for a
+        # dense model or in eval mode)
+        token_logps, aux_loss = model_(x, y, loss_mask=loss_mask, return_logps=True)
+        logps = token_logps.sum(-1)                                                    # (2B,) summed over the reply
+        n = loss_mask.float().sum(-1).clamp(min=1)                                     # (2B,) reply lengths
         evaluating = not model.training
-        ref_logits = reference_logits(x) if (loss_type in NEEDS_REFERENCE or evaluating) else None
-        ref_logps = ((trainer.token_logps(ref_logits, y) * mask).sum(-1) if ref_logits is not None
-                     else torch.zeros_like(logps))
+        ref_logps = (reference(x, y, loss_mask=loss_mask, return_logps=True)[0].sum(-1)
+                     if (loss_type in NEEDS_REFERENCE or evaluating) else torch.zeros_like(logps))
         losses, r_c, r_r = preference_loss(loss_type, logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], n[:B],
                                            n[B:], beta_, label_smoothing, simpo_gamma)
         if evaluating and loss_type not in NEEDS_REFERENCE:  # report the DPO implicit reward for every loss type
@@ -199,8 +199,8 @@ def main():
                    "logp_pref_accuracy": (logps[:B] > logps[B:]).float().mean().detach(),
                    "logp_chosen": logps[:B].mean().detach(), "logp_rejected": logps[B:].mean().detach()}
         if evaluating:  # exact KL(policy || reference) at every token of the chosen replies, summed per reply
-            lp, lq = F.log_softmax(logits[:B].float(), -1), F.log_softmax(ref_logits[:B].float(), -1)
-            metrics["kl"] = ((lp.exp() * (lp - lq)).sum(-1) * mask[:B]).sum(-1).mean()
+            lp, lq = (F.log_softmax(f(x[:B])[0].float(), -1) for f in (model_, reference))   # (B, T, V) each
+            metrics["kl"] = ((lp.exp() * (lp - lq)).sum(-1) * loss_mask[:B]).sum(-1).mean()
         # every term is a mean over pairs (the RPO term too: each chosen reply's NLL per token, as in Pang et al.
         # 2024), taken over all pairs of the step: sums over this batch divided by the step's number of pairs
         loss = losses.sum()

@@ -399,39 +399,68 @@ class GPT(nn.Module):
         """True when the memory-saving training path runs: grad_checkpoint set, training mode, grad enabled."""
         return self.grad_checkpoint and self.training and torch.is_grad_enabled()
 
-    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, positions=None, cache=None):
-        """(B, T) ids -> (logits (B, T, V), loss). With targets (already shifted: targets[:, t] follows idx[:, t];
-        -1 and loss_mask == 0 are ignored), loss = the mean cross entropy + the MoE balancing loss. Without, loss is
-        the MoE balancing loss alone, for a stage's own loss to add (DPO, PPO). The balancing loss is moe_aux_coef x
-        the Switch/Mixtral load-balancing term in training mode, and 0 for a dense model or in eval mode.
+    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, positions=None, cache=None,
+                return_logps=False, temperature=1.0):
+        """(B, T) ids -> (logits (B, T, V), aux_loss) without targets: aux_loss is the MoE balancing loss alone, for
+        a stage's own loss to add. It is moe_aux_coef x the Switch/Mixtral load-balancing term in training mode,
+        and 0 for a dense model or in eval mode.
+
+        With targets (already shifted: targets[:, t] follows idx[:, t]; positions where targets is -1 or loss_mask
+        is 0 are not counted) the head runs on the counted positions only, so the (B, T, V) logits are never built
+        (an SFT batch counts about 1 position in 8: the prompts and the padding are not learned):
+        - (None, loss): loss = the mean cross entropy over the counted positions + aux_loss;
+        - return_logps=True: (logps, aux_loss), logps (B, T) float32 = log p(targets[:, t] | idx[:, :t + 1]) under
+          logits / temperature at the counted positions, 0 elsewhere (DPO's sequence log-probs, PPO's per-token
+          ones).
+        Under torch.compile the head runs on every position instead (static shapes), with the same result.
 
         With grad_checkpoint set, in training mode with grad enabled (checkpointing()), each block is recomputed in
-        backward, and with targets the logits are None: the head and the cross entropy run over chunks of
-        CE_CHUNK_ELEMS // V tokens, each chunk recomputed in backward, so the (B, T, V) logits never exist."""
+        backward, and the head and the cross entropy of the mean loss run over chunks of CE_CHUNK_ELEMS // V
+        counted positions, each chunk recomputed in backward."""
         x, aux_loss = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache,
                                          return_aux=True)
         if targets is None:
             return self.lm_head(x), aux_loss
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -1)
+        if return_logps:
+            return self.target_logps(x, targets, temperature), aux_loss
         n_counted = (targets != -1).sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
+        x, targets = self._counted(x, targets)
         if self.checkpointing():
-            x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
             n = max(1, CE_CHUNK_ELEMS // self.config.vocab_size)
             loss_sum = sum(checkpoint(self._head_loss_sum, xc, tc, use_reentrant=False)
                            for xc, tc in zip(x.split(n), targets.split(n)))
-            return None, loss_sum / n_counted + aux_loss
-        logits = self.lm_head(x)
-        return logits, self._cross_entropy_sum(logits, targets) / n_counted + aux_loss
+        else:
+            loss_sum = self._head_loss_sum(x, targets)
+        return None, loss_sum / n_counted + aux_loss
+
+    def target_logps(self, h, targets, temperature=1.0):
+        """(B, T, C) final hidden states (hidden_states' output) and (B, T) target ids, -1 where not counted ->
+        (B, T) float32 log-probabilities of the targets under lm_head(h) / temperature, 0 where not counted. The
+        head runs on the counted positions only (every position under torch.compile)."""
+        counted = targets != -1
+        if torch.compiler.is_compiling():
+            logits = self.lm_head(h).float() / temperature
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+            return -nll.view(targets.shape) * counted
+        logits = self.lm_head(h[counted]).float() / temperature                     # (N, V), N counted positions
+        logps = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        logps[counted] = -F.cross_entropy(logits, targets[counted], reduction="none")
+        return logps
 
     @staticmethod
-    def _cross_entropy_sum(logits, targets):
-        # (..., V) logits, (...) targets (-1 ignored) -> 0-dim float32 sum of the token losses
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
-                               reduction="sum")
+    def _counted(x, targets):
+        """(B, T, C), (B, T) -> the counted positions' (N, C) states and (N,) targets; under torch.compile every
+        position (shapes that do not depend on the data; the -1 targets are ignored by the cross entropy)."""
+        if torch.compiler.is_compiling():
+            return x.flatten(0, 1), targets.flatten()
+        counted = targets != -1
+        return x[counted], targets[counted]
 
     def _head_loss_sum(self, x, targets):
-        return self._cross_entropy_sum(self.lm_head(x), targets)
+        # (N, C) states, (N,) targets (-1 ignored) -> 0-dim float32 sum of the token losses
+        return F.cross_entropy(self.lm_head(x).float(), targets, ignore_index=-1, reduction="sum")
 
     # ------------------------------------------------------------------------------------------------------------
     # generation
@@ -594,13 +623,14 @@ class ScoreModel(nn.Module):
         nn.init.zeros_(self.head.weight)  # start every score at 0 (the bias): no random preference before training
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx, attention_mask=None, return_logits=False):
-        """(B, T) -> (values (B, T) float32 scalars, logits, aux_loss): logits the trunk's (B, T, V) language-model
-        logits from the same pass with return_logits (a reward model regularised with the chosen reply's LM loss),
-        else None; aux_loss the trunk's MoE balancing loss (GPT.forward), for the training loss to add."""
+    def forward(self, idx, attention_mask=None, lm_targets=None):
+        """(B, T) -> (values (B, T) float32 scalars, lm_logps, aux_loss). lm_targets (B, T) target ids (-1 = not
+        counted; a reward model regularised with the chosen reply's LM loss): lm_logps the trunk's (B, T)
+        language-model log-probabilities of them from the same pass (GPT.target_logps), else None; aux_loss the
+        trunk's MoE balancing loss (GPT.forward), for the training loss to add."""
         h, aux_loss = self.gpt.hidden_states(idx, attention_mask=attention_mask, return_aux=True)
         values = self.head(h).squeeze(-1).float()
-        return values, (self.gpt.lm_head(h) if return_logits else None), aux_loss
+        return values, (self.gpt.target_logps(h, lm_targets) if lm_targets is not None else None), aux_loss
 
     def score(self, idx, lengths):
         """(B, T) right-padded ids and (B,) real lengths -> (B,) scores at each row's last real token. The position

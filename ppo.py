@@ -145,7 +145,7 @@ def main():
     # no dropout: the update's log-probs are compared with the rollout's (ratio 1 before any update) and the
     # reference's, and the critic's values with the rollout's (value clipping)
     disable_dropout(policy).to(dev)
-    reference_logits = trainer.frozen_reference(policy, init, finetune, dev)
+    reference = trainer.frozen_reference(policy, init, finetune, dev)
     rm = rl.load_reward_model(reward_from, dev, tokenizer) if rm_w else None
     critic = (disable_dropout(rl.make_critic(init, rm, resume_from and resume_from["critic"])).to(dev)
               if algo == "ppo" else None)
@@ -174,9 +174,8 @@ def main():
           + f" | kl_coef {run['kl_coef']:g}")
 
     def policy_logps(seqs, resp_mask, train):
-        policy.train(train)
-        logits, aux_loss = policy(seqs)  # aux_loss: MoE balancing (0 for a dense model or in eval mode)
-        return rl.response_logps(logits, seqs, resp_mask, temperature), aux_loss
+        policy.train(train)  # aux_loss: MoE balancing (0 for a dense model or in eval mode)
+        return rl.response_logps(policy, seqs, resp_mask, temperature)
 
     @torch.no_grad()
     def rollout(k):
@@ -196,7 +195,7 @@ def main():
         scores = rm_w * rm_scores + checker_weight * checker + clean_w * clean + unfinished_penalty * (1 - ended)
         with rt.autocast:
             old_logps, _ = policy_logps(seq_t, resp_mask, train=False)
-            ref_logps = rl.response_logps(reference_logits(seq_t), seq_t, resp_mask, temperature)
+            ref_logps, _ = rl.response_logps(reference, seq_t, resp_mask, temperature)
             values = None
             if critic is not None:
                 critic.eval()

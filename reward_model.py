@@ -113,16 +113,20 @@ def main():
     def loss_fn(model_, batch, totals):
         idx, lengths, loss_mask, margin = batch
         B = len(margin)
-        # one forward over chosen and rejected rows: the scalar at every position (and the LM logits if needed)
-        values, logits, aux_loss = model_(idx, return_logits=bool(lm_coef))           # (2B, T), (2B, T, V)
+        # one forward over chosen and rejected rows: the scalar at every position, and with the LM term the
+        # log-probs of the chosen replies' next tokens (the head runs on those positions only)
+        lm_targets = None
+        if lm_coef:
+            lm_targets = torch.full_like(idx, -1)
+            lm_targets[:B, :-1] = idx[:B, 1:].masked_fill(loss_mask[:B, 1:] == 0, -1)
+        values, lm_logps, aux_loss = model_(idx, lm_targets=lm_targets)                 # (2B, T), (2B, T)
         rewards = values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
         r_chosen, r_rejected = rewards[:B], rewards[B:]
         diff = r_chosen - r_rejected
         # each term's sum over this batch / its total over the step: the loss of one batch of the step's pairs
         loss = (pairwise_loss(r_chosen, r_rejected, margin, center_coef) + aux_loss) * (B / totals["pairs"])
         if lm_coef:  # next-token loss on the chosen reply only
-            logps = trainer.token_logps(logits[:B, :-1], idx[:B, 1:])
-            loss = loss - lm_coef * (logps * loss_mask[:B, 1:].float()).sum() / totals["tokens"]
+            loss = loss - lm_coef * lm_logps.sum() / totals["tokens"]
         return loss, {"pair_accuracy": (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean(),
                       "reward_margin": diff.mean(), "reward_chosen": r_chosen.mean(),
                       "reward_rejected": r_rejected.mean()}

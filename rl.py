@@ -14,7 +14,7 @@ import world
 from common import UserError, load_checkpoint
 from engine import model_from_checkpoint
 from model import GREEDY_BELOW, ModelConfig, ScoreModel, check_sampling
-from trainer import pad_right, token_logps
+from trainer import pad_right
 
 # ----------------------------------------------------------------------------------------------------------------
 # the reward model's scores (reward_model.py trains it; ppo.py scores its rollouts with it)
@@ -196,11 +196,14 @@ def sample_rollouts(policy, tokenizer, prompts, max_new_tokens, device, temperat
     return replies, responses, seqs, resp_mask
 
 
-def response_logps(logits, seqs, resp_mask, temperature):
-    """Log-probabilities of each token under logits / temperature (the distribution sample_rollouts draws from), as
-    (B, T) aligned with seqs: entry t is log p(seqs[t] | seqs[:t]); entry 0 is 0. Only response entries are used."""
-    logps = token_logps(logits[:, :-1] / temperature, seqs[:, 1:])
-    return F.pad(logps, (1, 0)) * resp_mask
+def response_logps(model, seqs, resp_mask, temperature):
+    """Log-probabilities of the response tokens under logits / temperature (the distribution sample_rollouts draws
+    from): model a GPT (or trainer.frozen_reference's function), seqs (B, T) right-padded prompt + response ids,
+    resp_mask (B, T) 1 on response tokens -> ((B, T) float32 aligned with seqs: entry t is log p(seqs[t] |
+    seqs[:t]) on response tokens, 0 elsewhere; the forward's aux_loss). The head runs on response positions only."""
+    logps, aux_loss = model(seqs[:, :-1], seqs[:, 1:], loss_mask=resp_mask[:, 1:], return_logps=True,
+                            temperature=temperature)
+    return F.pad(logps, (1, 0)), aux_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------

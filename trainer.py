@@ -41,7 +41,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -124,13 +123,6 @@ def next_token_batch(seqs, masks, pad_id):
     causal model never looks ahead at it."""
     ids, mask = pad_right(seqs, pad_id), pad_right(masks, 0)
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
-
-
-def token_logps(logits, targets):
-    """(B, T, V) logits, (B, T) targets -> (B, T) float32 log-probabilities of the targets. Through cross_entropy:
-    no (B, T, V) log-softmax tensor is kept for the backward pass."""
-    B, T, V = logits.shape
-    return -F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(-1), reduction="none").view(B, T)
 
 
 def batch_items(split, n_items, batch_size, k, seed):
@@ -225,10 +217,12 @@ def init_finetune(cfg, stage, init_stages):
 
 
 def frozen_reference(model, init, finetune, device, nf4=False):
-    """The frozen reference a preference or RL stage holds its policy `model` to, as a function (B, T) ids ->
-    (B, T, V) logits without gradient: a frozen copy of the starting checkpoint `init` for full fine-tuning
-    (nf4=True keeps the copy in NF4, ~4.13 bits per weight), else the policy itself with its LoRA adapters
-    switched off, which costs no memory. Either runs in eval mode (no dropout); the policy's mode is restored."""
+    """The frozen reference a preference or RL stage holds its policy `model` to, as a function with GPT.forward's
+    arguments and results, run without gradient (reference(x) -> (B, T, V) logits; reference(x, targets,
+    loss_mask=..., return_logps=True) -> (B, T) log-probs): a frozen copy of the starting checkpoint `init` for full
+    fine-tuning (nf4=True keeps the copy in NF4, ~4.13 bits per weight), else the policy itself with its LoRA
+    adapters switched off, which costs no memory. Either runs in eval mode (no dropout); the policy's mode is
+    restored."""
     reference = None
     if finetune == "full":
         reference, _ = model_from_checkpoint(init, "cpu")
@@ -237,17 +231,17 @@ def frozen_reference(model, init, finetune, device, nf4=False):
         reference = disable_dropout(reference).requires_grad_(False).to(device).eval()
 
     @torch.no_grad()
-    def reference_logits(x):
+    def reference_forward(*args, **kwargs):
         if reference is not None:
-            return reference(x)[0]
+            return reference(*args, **kwargs)
         was_training = model.training
         model.eval()
         try:
             with lora.disable_adapters(model):
-                return model(x)[0]
+                return model(*args, **kwargs)
         finally:
             model.train(was_training)
-    return reference_logits
+    return reference_forward
 
 
 def finish_finetune(model, out_dir, stage, samples, metrics, master=True):
@@ -559,6 +553,10 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, coun
         history = list(resume_from.get("recent_records", []))
 
     fwd = torch.compile(raw) if rt.compile else raw
+    # torch.compile compiles on the first call of each kind (training step, no-grad evaluation): their times are
+    # reported, since the warm-up is what a short run must win back
+    compiling_step = rt.compile
+    compiling_eval = rt.compile and get_batch is not None  # the val loss runs the compiled forward
     # evaluation runs on `fwd`, never through DDP: its forward would sync buffers across processes
     ddp_model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None) if rt.ddp else fwd
     log = MetricsLog(out_dir, enabled=rt.master, resume_step=step if resume_from is not None else None,
@@ -608,8 +606,13 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, coun
         return result
 
     def eval_and_save():
-        nonlocal metrics, best
+        nonlocal metrics, best, compiling_eval
+        t0 = time.perf_counter()
         metrics = run_eval()
+        if compiling_eval and rt.master:  # the first evaluation compiled the forward under no_grad
+            tqdm.write(f"compiling the evaluation forward... {time.perf_counter() - t0:.0f} s (with the evaluation)",
+                       file=sys.stderr)
+        compiling_eval = False
         log.log({"step": step, **metrics})  # summary_keys are in the step records already
         recent = history[-10:]
         metrics.update({k: float(np.mean([r[k] for r in recent])) for k in summary_keys if recent})
@@ -688,6 +691,10 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, coun
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             record, ntok, stopping = step_fn(step, stop)
+            if compiling_step and rt.master:
+                tqdm.write(f"compiling the training step... {time.perf_counter() - t0:.0f} s (with the first step)",
+                           file=sys.stderr)
+            compiling_step = False
             step += 1
             tokens_seen += ntok
             history.append(record)

@@ -43,3 +43,25 @@ def test_smollm2_rows_compare_qlora_with_full_at_equal_settings():
     assert f["smol_full_ckpt_vs_plain_step_s"] == 39.0 / 30.0
     assert f["smol_qlora_ckpt_vs_full_ckpt_peak"] == 600 / 2100
     assert len(rows) == 6 + 2 + 3
+
+
+def test_rollout_workload_is_grpo_default():
+    """bench.py times rollouts at ppo.py --algo=grpo's defaults (it does not import a stage script): batch size,
+    group size, reply length and rollout steps read from ppo.py's config constants."""
+    import ast
+    import os
+    import rl
+    tree = ast.parse(open(os.path.join(os.path.dirname(bench.__file__), "ppo.py"), encoding="utf-8").read())
+    consts = {}
+    for node in tree.body:  # the module's literal assignments: its config constants and defaults tables
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                consts[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    cfg = {k: v for k, v in consts.items() if not k.isupper()}
+    cfg.update(algo="grpo")
+    assert consts["batch_size"] == bench.ROLLOUT_BATCH
+    assert consts["max_new_tokens"] == bench.ROLLOUT_TOKENS
+    assert consts["DEFAULT_MAX_ITERS"]["grpo"] == bench.ROLLOUT_STEPS
+    assert rl.check_settings(cfg, 0.0, 1.0)[0] == bench.ROLLOUT_GROUP

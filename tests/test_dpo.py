@@ -109,7 +109,7 @@ def test_sequence_logps_count_only_reply_tokens_and_ignore_padding(world_data):
 
     def seq_logps(rows):
         x, y, mask = trainer.next_token_batch([r[0] for r in rows], [r[1] for r in rows], tok.pad_id)
-        return (trainer.token_logps(model(x)[0], y) * mask).sum(-1)
+        return model(x, y, loss_mask=mask, return_logps=True)[0].sum(-1)
 
     alone, batched = seq_logps(pairs[:1]), seq_logps(pairs)
     torch.testing.assert_close(alone[0], batched[0], rtol=1e-5, atol=1e-5)

@@ -295,7 +295,8 @@ def test_moe_training_loss_includes_aux_and_every_routed_expert_gets_a_gradient(
     seen = record_expert_inputs(moe)
     idx = torch.randint(0, 97, (2, 16))
     _, aux_loss = m(idx)
-    logits, loss = m(idx, targets=idx)
+    logits = m(idx)[0]
+    loss = m(idx, targets=idx)[1]
     ce = F.cross_entropy(logits.reshape(-1, 97), idx.reshape(-1))
     torch.testing.assert_close(loss, ce + aux_loss)
     assert aux_loss > 0
@@ -559,11 +560,36 @@ def test_loss_with_loss_mask_equals_manual_masked_cross_entropy():
     loss_mask = torch.randint(0, 2, (2, 10))
     loss_mask[0, 0] = 1
     logits, loss = m(idx, targets=targets, loss_mask=loss_mask)
+    assert logits is None  # the head ran on the counted positions only
     keep = (loss_mask == 1) & (targets != -1)
-    manual = F.cross_entropy(logits[keep], targets[keep])
+    manual = F.cross_entropy(m(idx)[0][keep], targets[keep])
     torch.testing.assert_close(loss, manual)
     # nothing to learn gives 0, not NaN
     assert m(idx, targets=targets, loss_mask=torch.zeros_like(loss_mask))[1].item() == 0
+
+
+def test_logps_of_the_counted_positions_equal_the_full_logits_eager_and_compiled():
+    """return_logps runs the head on the counted positions only; the log-probs (under logits / temperature) and
+    the mean loss equal those read from the full (B, T, V) logits, eager and under torch.compile (where every
+    position goes through the head: static shapes)."""
+    m = make(CONFIGS["gqa"]).eval()
+    idx = torch.randint(0, 97, (3, 12))
+    targets = torch.randint(0, 97, (3, 12))
+    loss_mask = (torch.rand(3, 12) < 0.3).long()
+    loss_mask[0, 5] = 1
+    targets[2, 3] = -1
+    keep = (loss_mask == 1) & (targets != -1)
+    full = torch.log_softmax(m(idx)[0] / 0.7, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0] * keep
+    want_loss = F.cross_entropy(m(idx)[0][keep], targets[keep])
+
+    def both(model):
+        return (model(idx, targets, loss_mask=loss_mask, return_logps=True, temperature=0.7)[0],
+                model(idx, targets, loss_mask=loss_mask)[1])
+    with torch.no_grad():
+        for logps, loss in (both(m), torch.compile(both)(m)):
+            torch.testing.assert_close(logps, full)
+            assert torch.equal(logps == 0, ~keep)
+            torch.testing.assert_close(loss, want_loss)
 
 
 def test_param_count_and_flops_per_token():

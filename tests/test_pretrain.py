@@ -92,6 +92,26 @@ def test_tiny_pretraining_lowers_the_loss_and_writes_a_usable_checkpoint(data, t
     assert torch.load(cont / "ckpt.pt", weights_only=True)["model_config"]["n_embd"] == 32
 
 
+def test_compiled_training_gives_the_eager_losses_and_reports_its_warm_up(data, tmp_path):
+    """--compile=True: torch.compile of the model (inductor's C++ kernels on the CPU) trains to the eager losses
+    within float rounding (fused kernels sum in another order), prints the compile's warm-up for the training step
+    and the evaluation, and writes the same checkpoint keys (the unwrapped module's, no _orig_mod prefix)."""
+    shared = ["--max_iters=3", "--eval_interval=3", "--sample_tokens=0"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    r = run_pretrain(data, eager, "--compile=False", *shared)
+    assert r.returncode == 0, r.stderr
+    assert "compiling" not in r.stderr
+    r = run_pretrain(data, compiled, "--compile=True", *shared)
+    assert r.returncode == 0, r.stderr
+    assert "compiling the training step..." in r.stderr and "compiling the evaluation forward..." in r.stderr
+    a, b = train_losses(eager), train_losses(compiled)
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert all(b[k] == pytest.approx(a[k], rel=1e-4) for k in a), (a, b)
+    wa = torch.load(eager / "ckpt.pt", weights_only=True)
+    wb = torch.load(compiled / "ckpt.pt", weights_only=True)
+    assert wa["model"].keys() == wb["model"].keys()
+
+
 def test_resumed_run_gives_exactly_the_losses_of_an_uninterrupted_one(data, tmp_path, monkeypatch, capsys):
     # the schedule is pinned with lr_decay_iters, so stopping at max_iters=4 and resuming with 8 changes nothing
     shared = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", "--grad_accum=2"]

@@ -136,17 +136,25 @@ def test_rewards_go_to_response_tokens_only_and_the_score_to_the_last_one():
 
 
 def test_prompt_and_padding_tokens_get_no_gradient():
-    """Backpropagating the policy loss into the logits: only the positions that predict response tokens move."""
+    """Backpropagating the policy loss into the final hidden states (what the head reads, position by position):
+    only the positions that predict response tokens move. The log-probs equal those of the full logits."""
     torch.manual_seed(0)
-    logits = torch.randn(2, 6, 11, requires_grad=True)
+    policy = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
     seqs = torch.randint(0, 11, (2, 6))
     mask = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
-    logps = rl.response_logps(logits, seqs, mask, temperature=0.7)
+    states = []
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        states.append(out)
+    policy.norm.register_forward_hook(keep)
+    logps, _ = rl.response_logps(policy, seqs, mask, temperature=0.7)
     loss, _ = rl.clipped_policy_loss(logps, logps.detach() - 0.05, torch.randn(2, 6), mask, 0.2)
     loss.backward()
-    moved = logits.grad.abs().sum(-1) > 0                       # position t predicts token t + 1
-    predicts_response = torch.nn.functional.pad(mask[:, 1:], (0, 1)).bool()
-    assert torch.equal(moved, predicts_response)
+    moved = states[0].grad.abs().sum(-1) > 0                    # position t predicts token t + 1
+    assert torch.equal(moved, mask[:, 1:].bool())               # the forward saw seqs[:, :-1]
+    full = torch.log_softmax(policy(seqs)[0].float() / 0.7, -1)[:, :-1].gather(2, seqs[:, 1:, None])[..., 0]
+    torch.testing.assert_close(logps, torch.nn.functional.pad(full, (1, 0)) * mask)
 
 
 # ------------------------------------------------------------------------------------------------ one distribution
@@ -174,7 +182,7 @@ def test_rollout_old_logps_are_the_log_probs_the_sampler_drew_each_token_with(mo
     prompts = [tok.encode("the cat sat on"), tok.encode("one big red dog ran to see the"), [tok.eot_id]]
     gen = torch.Generator().manual_seed(3)
     replies, responses, seqs, resp_mask = rl.sample_rollouts(policy, tok, prompts, 10, "cpu", temperature, gen)
-    logps = rl.response_logps(policy(seqs)[0], seqs, resp_mask, temperature)
+    logps = rl.response_logps(policy, seqs, resp_mask, temperature)[0]
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
         assert seqs[b, :len(prompt)].tolist() == prompt and seqs[b, len(prompt):len(prompt) + len(response)].tolist() \
             == response and resp_mask[b].sum() == len(response)

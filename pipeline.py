@@ -1,7 +1,7 @@
 """
 The whole life of a chat model in one command, ending with a report card.
 
-    python pipeline.py                                  # the embedded world, CPU sizes: ~18 min on 2 cores
+    python pipeline.py                                  # the embedded world, CPU sizes: ~16 min on 2 cores
     python pipeline.py --seed=2 --out_dir=runs/seed2    # another seed, in its own folder
     python pipeline.py config/pipeline_gpu.py           # real public data sets on a GPU (see the README)
     python pipeline.py --restart=True                   # redo every stage instead of going on from the last done

@@ -420,6 +420,8 @@ class GPT(nn.Module):
         x, aux_loss = self.hidden_states(idx, attention_mask=attention_mask, positions=positions, cache=cache,
                                          return_aux=True)
         if targets is None:
+            if return_logps:
+                raise ValueError("GPT.forward: return_logps needs targets")
             return self.lm_head(x), aux_loss
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -1)

@@ -218,11 +218,11 @@ def init_finetune(cfg, stage, init_stages):
 
 def frozen_reference(model, init, finetune, device, nf4=False):
     """The frozen reference a preference or RL stage holds its policy `model` to, as a function with GPT.forward's
-    arguments and results, run without gradient (reference(x) -> (B, T, V) logits; reference(x, targets,
-    loss_mask=..., return_logps=True) -> (B, T) log-probs): a frozen copy of the starting checkpoint `init` for full
-    fine-tuning (nf4=True keeps the copy in NF4, ~4.13 bits per weight), else the policy itself with its LoRA
-    adapters switched off, which costs no memory. Either runs in eval mode (no dropout); the policy's mode is
-    restored."""
+    arguments and results, run without gradient (reference(x) -> ((B, T, V) logits, aux_loss); reference(x,
+    targets, loss_mask=..., return_logps=True) -> ((B, T) log-probs, aux_loss)): a frozen copy of the starting
+    checkpoint `init` for full fine-tuning (nf4=True keeps the copy in NF4, ~4.13 bits per weight), else the policy
+    itself with its LoRA adapters switched off, which costs no memory. Either runs in eval mode (no dropout); the
+    policy's mode is restored."""
     reference = None
     if finetune == "full":
         reference, _ = model_from_checkpoint(init, "cpu")
@@ -555,7 +555,7 @@ def train(model, loss_fn, get_batch, cfg, rt, *, stage, checkpoint_entries, coun
     fwd = torch.compile(raw) if rt.compile else raw
     # torch.compile compiles on the first call of each kind (training step, no-grad evaluation): their times are
     # reported, since the warm-up is what a short run must win back
-    compiling_step = rt.compile
+    compiling_step = rt.compile and step_fn is None  # a step_fn (PPO) does not run `fwd`
     compiling_eval = rt.compile and get_batch is not None  # the val loss runs the compiled forward
     # evaluation runs on `fwd`, never through DDP: its forward would sync buffers across processes
     ddp_model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None) if rt.ddp else fwd

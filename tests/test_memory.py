@@ -21,7 +21,8 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def small_ce_chunks(monkeypatch):
-    # 5 tokens per chunk of the 97-token vocabulary: a 2 x 23 batch is 10 chunks, the last one shorter
+    # 5 positions per chunk of the 97-token vocabulary: the batch's 34 counted positions are 7 chunks, the last one
+    # shorter
     monkeypatch.setattr(model, "CE_CHUNK_ELEMS", 97 * 5)
 
 
@@ -50,7 +51,7 @@ def batch():
     x = torch.randint(0, 97, (2, 24), generator=g)
     loss_mask = torch.ones(2, 23, dtype=torch.long)
     loss_mask[0, 19:] = 0  # padding
-    loss_mask[1, :7] = 0   # a prompt that is not learned (the last chunk, row 1's last token, counts)
+    loss_mask[1, :8] = 0   # a prompt that is not learned (the last chunk, row 1's last token, counts)
     return x[:, :-1], x[:, 1:], loss_mask
 
 

@@ -73,6 +73,23 @@ def test_tiny_reward_model_ranks_a_separable_toy_set_far_above_chance(world_data
     assert s[0] > s[1]
 
 
+def test_lm_logps_of_the_score_model_are_the_trunks_next_token_log_probs():
+    """The reward model's LM term reads ScoreModel.forward's lm_logps: at each counted position the trunk's log-prob
+    of the target, from the same pass as the scores, equal to the full logits' (only those positions go through
+    the head), and 0 elsewhere."""
+    m = tiny_score_model(50).eval()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 50, (3, 9))
+    targets = torch.full_like(idx, -1)
+    targets[:2, :-1] = idx[:2, 1:]   # the chosen rows' next tokens; the last row and position count nothing
+    targets[0, :3] = -1
+    values, lm_logps, _ = m(idx, lm_targets=targets)
+    torch.testing.assert_close(values, m(idx)[0])
+    full = torch.log_softmax(m.gpt(idx)[0], -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(lm_logps, full * (targets != -1))
+    assert m(idx)[1] is None
+
+
 def test_pairwise_loss_by_hand():
     """Bradley-Terry with a per-pair margin, plus the centring term."""
     r_c, r_r, margin = torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.4]), torch.tensor([0.0, 0.5])

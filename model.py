@@ -427,8 +427,12 @@ class GPT(nn.Module):
             targets = targets.masked_fill(loss_mask == 0, -1)
         if return_logps:
             return self.target_logps(x, targets, temperature), aux_loss
-        n_counted = (targets != -1).sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
-        x, targets = self._counted(x, targets)
+        counted = targets != -1
+        n_counted = counted.sum().clamp(min=1)  # a batch with nothing to learn gives 0, not NaN
+        if torch.compiler.is_compiling():  # static shapes: every position (the cross entropy ignores the -1s)
+            x, targets = x.flatten(0, 1), targets.flatten()
+        else:
+            x, targets = x[counted], targets[counted]                              # (N, C), (N,)
         if self.checkpointing():
             n = max(1, CE_CHUNK_ELEMS // self.config.vocab_size)
             loss_sum = sum(checkpoint(self._head_loss_sum, xc, tc, use_reentrant=False)
@@ -450,15 +454,6 @@ class GPT(nn.Module):
         logps = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
         logps[counted] = -F.cross_entropy(logits, targets[counted], reduction="none")
         return logps
-
-    @staticmethod
-    def _counted(x, targets):
-        """(B, T, C), (B, T) -> the counted positions' (N, C) states and (N,) targets; under torch.compile every
-        position (shapes that do not depend on the data; the -1 targets are ignored by the cross entropy)."""
-        if torch.compiler.is_compiling():
-            return x.flatten(0, 1), targets.flatten()
-        counted = targets != -1
-        return x[counted], targets[counted]
 
     def _head_loss_sum(self, x, targets):
         # (N, C) states, (N,) targets (-1 ignored) -> 0-dim float32 sum of the token losses

@@ -396,12 +396,17 @@ def test_cli_bad_input_gives_one_line_error(sft_ckpt, tmp_path):
     assert r.returncode == 2 and "lm_head" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_load_quantized_model_rejects_inconsistent_entries(sft_ckpt):
+def quantized_entries(sft_ckpt, mode):
+    """(the fp32 checkpoint, its model quantized in `mode` as a checkpoint, the quantization entry)."""
     path, model = sft_ckpt
     src = torch.load(path, weights_only=True)
     m = copy.deepcopy(model)
-    info = Q.quantize_model(m, "nf4")
-    good = dict(src, model=m.state_dict(), quantization=info)
+    info = Q.quantize_model(m, mode)
+    return src, dict(src, model=m.state_dict(), quantization=info), info
+
+
+def test_load_quantized_model_rejects_inconsistent_entries(sft_ckpt):
+    src, good, info = quantized_entries(sft_ckpt, "nf4")
     assert isinstance(Q.load_quantized_model(good, "cpu").layers[0].attn.o_proj, Q.Linear4bit)
     with pytest.raises(common.UserError, match="quantization"):
         Q.load_quantized_model(dict(good, quantization={"mode": "nf3", "modules": []}), "cpu")
@@ -573,11 +578,7 @@ def test_merged_state_dict_of_an_int8_tied_model_is_a_plain_tied_fp32_state_dict
 
 
 def test_load_quantized_model_rejects_a_tied_entry_that_does_not_fit(sft_ckpt):
-    path, model = sft_ckpt
-    src = torch.load(path, weights_only=True)
-    m = copy.deepcopy(model)
-    info = Q.quantize_model(m, "int8")
-    good = dict(src, model=m.state_dict(), quantization=info)
+    src, good, info = quantized_entries(sft_ckpt, "int8")
     assert isinstance(Q.load_quantized_model(good, "cpu").embed_tokens, Q.Embedding8bit)
     with pytest.raises(common.UserError, match="not a head tied"):
         Q.load_quantized_model(dict(good, quantization=dict(info, tied={"layers.0.attn.o_proj": "embed_tokens"})),
